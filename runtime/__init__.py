@@ -1,0 +1,3 @@
+"""tiermem runtime: DLRM model, inference session, CLI."""
+
+__all__: list[str] = []

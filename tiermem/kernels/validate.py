@@ -1,0 +1,98 @@
+"""Validation of CSR lookups before any kernel reads memory.
+
+One pass in Numba finds the first bad entry; Python then raises an error that
+names the table, the field and the value. Kernels downstream assume valid
+input and never check bounds themselves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from tiermem.kernels._flags import SERIAL
+
+# Codes returned by _check_csr: (code, position, value)
+OK = 0
+BAD_FIRST_OFFSET = 1
+DECREASING_OFFSET = 2
+BAD_LAST_OFFSET = 3
+NEGATIVE_ID = 4
+ID_OUT_OF_RANGE = 5
+
+
+@njit(**SERIAL)
+def _check_offsets(offsets, nnz):  # type: ignore[no-untyped-def]
+    if offsets.size == 0:
+        return BAD_LAST_OFFSET, 0, 0
+    if offsets[0] != 0:
+        return BAD_FIRST_OFFSET, 0, offsets[0]
+    for j in range(1, offsets.size):
+        if offsets[j] < offsets[j - 1]:
+            return DECREASING_OFFSET, j, offsets[j]
+    last = offsets[offsets.size - 1]
+    if last != nnz:
+        return BAD_LAST_OFFSET, offsets.size - 1, last
+    return OK, 0, 0
+
+
+@njit(**SERIAL)
+def _check_ids(ids, start, stop, n_rows):  # type: ignore[no-untyped-def]
+    for i in range(start, stop):
+        v = ids[i]
+        if v < 0:
+            return NEGATIVE_ID, i, v
+        if v >= n_rows:
+            return ID_OUT_OF_RANGE, i, v
+    return OK, 0, 0
+
+
+@njit(**SERIAL)
+def _clamp_or_zero_ids(ids, start, stop, n_rows, clamp, keep):  # type: ignore[no-untyped-def]
+    """In place: bad ids become clamped (``clamp``) or 0 with ``keep[i] = False``."""
+    n_bad = 0
+    for i in range(start, stop):
+        v = ids[i]
+        if v < 0 or v >= n_rows:
+            n_bad += 1
+            if clamp:
+                ids[i] = 0 if v < 0 else n_rows - 1
+            else:
+                ids[i] = 0
+                keep[i] = False
+    return n_bad
+
+
+def offsets_error(code: int, pos: int, value: int, nnz: int) -> str | None:
+    """Human text for a ``_check_offsets`` result (None when fine)."""
+    if code == OK:
+        return None
+    if code == BAD_FIRST_OFFSET:
+        return f"offsets[0] must be 0, got {value}"
+    if code == DECREASING_OFFSET:
+        return f"offsets must be non-decreasing; offsets[{pos}] = {value} is below offsets[{pos - 1}]"
+    if pos == 0:
+        return "offsets is empty: it needs at least one entry (0)"
+    return f"offsets[-1] = {value} must equal the number of ids ({nnz})"
+
+
+def check_offsets(offsets: np.ndarray, nnz: int) -> str | None:
+    """Return a message describing the first problem of ``offsets``, else None."""
+    code, pos, value = _check_offsets(offsets, nnz)
+    return offsets_error(int(code), int(pos), int(value), nnz)
+
+
+def check_ids(ids: np.ndarray, start: int, stop: int, n_rows: int) -> str | None:
+    """Return a message for the first id of ``ids[start:stop]`` outside ``[0, n_rows)``."""
+    code, pos, value = _check_ids(ids, start, stop, n_rows)
+    if code == OK:
+        return None
+    if code == NEGATIVE_ID:
+        return f"ids[{pos}] = {value} is negative"
+    return f"ids[{pos}] = {value} is out of range for a table of {n_rows} rows"
+
+
+def repair_ids(ids: np.ndarray, start: int, stop: int, n_rows: int, *, clamp: bool,
+               keep: np.ndarray) -> int:
+    """Clamp or zero-out bad ids in place (BoundsCheck CLAMP / WARN_ZERO); returns how many."""
+    return int(_clamp_or_zero_ids(ids, start, stop, n_rows, clamp, keep))

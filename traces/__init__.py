@@ -1,0 +1,3 @@
+"""tiermem traces: formats, generators, replay and tuning."""
+
+__all__: list[str] = []

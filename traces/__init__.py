@@ -1,3 +1,5 @@
-"""tiermem traces: formats, generators, replay and tuning."""
+"""tiermem traces: workload generators (formats, replay and tuning come next)."""
 
-__all__: list[str] = []
+from traces.synth import synthetic_batches, zipf_ids
+
+__all__ = ["synthetic_batches", "zipf_ids"]

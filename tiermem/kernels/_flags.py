@@ -22,3 +22,5 @@ if numba.config.THREADING_LAYER == "default":
 
 SERIAL = {"nogil": True, "cache": CACHE, "fastmath": FASTMATH, "boundscheck": False}
 PARALLEL = {**SERIAL, "parallel": True}
+#: for kernels that call ctypes functions (libc pread): Numba cannot cache those.
+SERIAL_UNCACHED = {**SERIAL, "cache": False}

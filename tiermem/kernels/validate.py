@@ -47,22 +47,6 @@ def _check_ids(ids, start, stop, n_rows):  # type: ignore[no-untyped-def]
     return OK, 0, 0
 
 
-@njit(**SERIAL)
-def _clamp_or_zero_ids(ids, start, stop, n_rows, clamp, keep):  # type: ignore[no-untyped-def]
-    """In place: bad ids become clamped (``clamp``) or 0 with ``keep[i] = False``."""
-    n_bad = 0
-    for i in range(start, stop):
-        v = ids[i]
-        if v < 0 or v >= n_rows:
-            n_bad += 1
-            if clamp:
-                ids[i] = 0 if v < 0 else n_rows - 1
-            else:
-                ids[i] = 0
-                keep[i] = False
-    return n_bad
-
-
 def offsets_error(code: int, pos: int, value: int, nnz: int) -> str | None:
     """Human text for a ``_check_offsets`` result (None when fine)."""
     if code == OK:
@@ -90,9 +74,3 @@ def check_ids(ids: np.ndarray, start: int, stop: int, n_rows: int) -> str | None
     if code == NEGATIVE_ID:
         return f"ids[{pos}] = {value} is negative"
     return f"ids[{pos}] = {value} is out of range for a table of {n_rows} rows"
-
-
-def repair_ids(ids: np.ndarray, start: int, stop: int, n_rows: int, *, clamp: bool,
-               keep: np.ndarray) -> int:
-    """Clamp or zero-out bad ids in place (BoundsCheck CLAMP / WARN_ZERO); returns how many."""
-    return int(_clamp_or_zero_ids(ids, start, stop, n_rows, clamp, keep))

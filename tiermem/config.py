@@ -1,0 +1,102 @@
+"""Configuration of the tiers, as frozen dataclasses validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+from typing import Any
+
+from tiermem.errors import ConfigError
+
+__all__ = ["PoolingMode", "TierConfig", "TierKind"]
+
+
+class TierKind(str, Enum):
+    """Where the rows of the tables are read from."""
+
+    DRAM = "dram"
+    """The tables are loaded into memory."""
+    SSD = "ssd"
+    """Rows are read from the store's files with pread, per batch."""
+    CXL = "cxl"
+    """DRAM plus a latency/bandwidth model of a CXL memory expander."""
+
+    @classmethod
+    def parse(cls, value: str | TierKind) -> TierKind:
+        if isinstance(value, TierKind):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise ConfigError(f"unknown tier {value!r}; expected one of: "
+                              f"{', '.join(k.value for k in cls)}") from None
+
+
+class PoolingMode(str, Enum):
+    """How the rows of a bag are combined (torch.nn.EmbeddingBag's ``mode``)."""
+
+    SUM = "sum"
+    MEAN = "mean"
+
+    @classmethod
+    def parse(cls, value: str | PoolingMode) -> PoolingMode:
+        if isinstance(value, PoolingMode):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise ConfigError(f"unknown pooling mode {value!r}; expected 'sum' or 'mean'") from None
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """How a store is served: the tier and its knobs."""
+
+    kind: TierKind = TierKind.DRAM
+    prefetch_distance: int = 16
+    """Software prefetch distance of the SLS kernel, in lookups (0 = off)."""
+    io_threads: int = 64
+    """SSD tier: Python threads issuing preads (each in a GIL-free Numba call)."""
+    coalesce_gap_bytes: int = 4096
+    """SSD tier: merge reads of rows of one chunk file closer than this."""
+    max_read_bytes: int = 1 << 20
+    """SSD tier: largest single merged read."""
+    cxl_latency_ns: float = 250.0
+    """CXL tier: latency of one row access."""
+    cxl_bandwidth_gbps: float = 32.0
+    """CXL tier: link bandwidth, GB/s (1e9 bytes/s)."""
+    cxl_outstanding: int = 16
+    """CXL tier: accesses in flight (memory-level parallelism) the model assumes."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", TierKind.parse(self.kind))
+        ints = {"prefetch_distance": 0, "io_threads": 1, "coalesce_gap_bytes": 0,
+                "max_read_bytes": 1, "cxl_outstanding": 1}
+        for name, lo in ints.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"TierConfig.{name} must be an integer >= {lo}, got {v!r}")
+        if self.prefetch_distance > 4096:
+            raise ConfigError(f"TierConfig.prefetch_distance must be <= 4096, got "
+                              f"{self.prefetch_distance}")
+        if self.io_threads > 1024:
+            raise ConfigError(f"TierConfig.io_threads must be <= 1024, got {self.io_threads}")
+        for name in ("cxl_latency_ns", "cxl_bandwidth_gbps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ConfigError(f"TierConfig.{name} must be a number >= 0, got {v!r}")
+        if self.cxl_bandwidth_gbps == 0:
+            raise ConfigError("TierConfig.cxl_bandwidth_gbps must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kind"] = self.kind.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TierConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown TierConfig field(s): {sorted(unknown)}")
+        return cls(**d)

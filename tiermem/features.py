@@ -1,0 +1,197 @@
+"""Sparse features of a batch, with TorchRec KeyedJaggedTensor semantics.
+
+``keys`` name the tables in order; ``values`` holds all ids key-major;
+``lengths`` (``T * B``) or ``offsets`` (``T * B + 1``) delimit the bags;
+``weights`` (optional, one float per id) weights each lookup::
+
+    keys    = ["t0", "t1"], B = 2
+    t0: [[3, 1], []]    t1: [[0], [2, 2]]
+    values  = [3, 1, 0, 2, 2]
+    lengths = [2, 0, 1, 2]
+    offsets = [0, 2, 2, 3, 5]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tiermem.errors import InvalidBatchError
+from tiermem.kernels.validate import check_ids, check_offsets
+
+__all__ = ["SparseFeatures"]
+
+
+def _as_int64(name: str, a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):  # torch tensor, without importing torch
+        a = a.detach().cpu().numpy()
+    arr = np.asarray(a)
+    if arr.ndim != 1:
+        raise InvalidBatchError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise InvalidBatchError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise InvalidBatchError(f"{name} holds values beyond int64")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class SparseFeatures:
+    """The sparse part of a batch: ids of every table, CSR over ``T * B`` bags."""
+
+    keys: tuple[str, ...]
+    values: np.ndarray
+    offsets: np.ndarray
+    weights: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        keys = tuple(self.keys)
+        if not keys:
+            raise InvalidBatchError("keys is empty: a batch needs at least one table")
+        if len(set(keys)) != len(keys):
+            raise InvalidBatchError(f"keys has duplicates: {list(keys)}")
+        object.__setattr__(self, "keys", keys)
+        values = _as_int64("values", self.values)
+        offsets = _as_int64("offsets", self.offsets)
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "offsets", offsets)
+        if (offsets.size - 1) % len(keys) != 0 or offsets.size < 1:
+            raise InvalidBatchError(
+                f"offsets has {offsets.size} entries; expected T * B + 1 with T = {len(keys)} tables"
+            )
+        msg = check_offsets(offsets, values.size)
+        if msg:
+            raise InvalidBatchError(msg)
+        if self.weights is not None:
+            w = self.weights
+            if hasattr(w, "detach"):
+                w = w.detach().cpu().numpy()
+            w = np.asarray(w)
+            if w.dtype.kind != "f":
+                raise InvalidBatchError(f"weights must be floating point, got dtype {w.dtype}")
+            if w.shape != values.shape:
+                raise InvalidBatchError(
+                    f"weights has shape {w.shape} but values has {values.shape}: one weight per id"
+                )
+            object.__setattr__(self, "weights", np.ascontiguousarray(w, dtype=np.float32))
+
+    # -- constructors ------------------------------------------------------
+    @classmethod
+    def from_lengths(cls, keys: Sequence[str], values: Any, lengths: Any,
+                     weights: Any = None) -> SparseFeatures:
+        """Build from per-bag lengths (``T * B`` of them, key-major)."""
+        lengths = _as_int64("lengths", lengths)
+        if lengths.size and lengths.min() < 0:
+            i = int(np.argmax(lengths < 0))
+            raise InvalidBatchError(f"lengths[{i}] = {lengths[i]} is negative")
+        offsets = np.zeros(lengths.size + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        vals = _as_int64("values", values)
+        if offsets[-1] != vals.size:
+            raise InvalidBatchError(
+                f"lengths sum to {offsets[-1]} but values has {vals.size} ids"
+            )
+        return cls(tuple(keys), vals, offsets, weights)
+
+    @classmethod
+    def from_offsets(cls, keys: Sequence[str], values: Any, offsets: Any,
+                     weights: Any = None) -> SparseFeatures:
+        """Build from CSR offsets (``T * B + 1`` of them)."""
+        return cls(tuple(keys), values, offsets, weights)
+
+    @classmethod
+    def from_tables(cls, tables: Mapping[str, tuple[Any, Any]] | Sequence[tuple[str, Any, Any]],
+                    weights: Mapping[str, Any] | None = None) -> SparseFeatures:
+        """Build from per-table ``(ids, offsets)`` with ``B + 1`` offsets each."""
+        items = list(tables.items()) if isinstance(tables, Mapping) else [
+            (k, (i, o)) for k, i, o in tables]
+        if not items:
+            raise InvalidBatchError("no tables given")
+        keys, vals, offs, ws = [], [], [], []
+        base = 0
+        batch = None
+        for k, (ids, off) in items:
+            ids = _as_int64(f"table {k!r} ids", ids)
+            off = _as_int64(f"table {k!r} offsets", off)
+            msg = check_offsets(off, ids.size)
+            if msg:
+                raise InvalidBatchError(f"table {k!r}: {msg}")
+            if batch is None:
+                batch = off.size - 1
+            elif off.size - 1 != batch:
+                raise InvalidBatchError(
+                    f"table {k!r} has {off.size - 1} bags but the first table has {batch}"
+                )
+            keys.append(k)
+            vals.append(ids)
+            offs.append(off[1:] + base)
+            base += ids.size
+            if weights is not None:
+                if k not in weights:
+                    raise InvalidBatchError(f"weights given but not for table {k!r}")
+                ws.append(np.asarray(weights[k], dtype=np.float32).reshape(-1))
+        values = np.concatenate(vals)
+        offsets = np.concatenate([np.zeros(1, np.int64), *offs])
+        return cls(tuple(keys), values, offsets, np.concatenate(ws) if ws else None)
+
+    # -- derived -----------------------------------------------------------
+    @property
+    def num_tables(self) -> int:
+        return len(self.keys)
+
+    @property
+    def batch_size(self) -> int:
+        return (self.offsets.size - 1) // len(self.keys)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def table_range(self, t: int) -> tuple[int, int]:
+        """``[start, stop)`` of table ``t``'s ids in ``values``."""
+        b = self.batch_size
+        return int(self.offsets[t * b]), int(self.offsets[(t + 1) * b])
+
+    def table(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``(ids, offsets (B + 1, from 0), weights)`` of one table."""
+        t = self.keys.index(key)
+        s, e = self.table_range(t)
+        b = self.batch_size
+        off = self.offsets[t * b:(t + 1) * b + 1] - s
+        w = None if self.weights is None else self.weights[s:e]
+        return self.values[s:e], off, w
+
+    def validate_ids(self, rows: Mapping[str, int] | Sequence[int]) -> None:
+        """Check every id of table ``keys[t]`` lies in ``[0, rows)``.
+
+        ``rows`` maps key -> row count, or lists counts in key order.
+        """
+        for t, k in enumerate(self.keys):
+            n = rows[k] if isinstance(rows, Mapping) else rows[t]
+            s, e = self.table_range(t)
+            msg = check_ids(self.values, s, e, int(n))
+            if msg:
+                # report the position within the table as well
+                raise InvalidBatchError(f"table {k!r}: {msg} (values index; table ids start at {s})")
+
+    def select(self, keys: Sequence[str]) -> SparseFeatures:
+        """The same batch restricted/reordered to ``keys``."""
+        missing = [k for k in keys if k not in self.keys]
+        if missing:
+            raise InvalidBatchError(f"batch has no table(s) {missing}; it has {list(self.keys)}")
+        if tuple(keys) == self.keys:
+            return self
+        return SparseFeatures.from_tables(
+            [(k, *self.table(k)[:2]) for k in keys],
+            None if self.weights is None else {k: self.table(k)[2] for k in keys},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"keys": list(self.keys), "values": self.values,
+                             "offsets": self.offsets}
+        if self.weights is not None:
+            d["weights"] = self.weights
+        return d

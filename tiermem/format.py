@@ -1,0 +1,628 @@
+"""The on-disk store: a zarr v3 group, one uncompressed row-major array per table.
+
+Layout (readable by plain ``zarr.open``)::
+
+    store.zarr/
+      zarr.json                      group; attributes["tiermem"] = {format, version,
+                                     tables: [{name, rows, dim, dtype, chunk_rows}]}
+      tables/<name>/weight           (rows, dim) float32 | float16 | int8,
+                                     chunks (chunk_rows, dim), no compression
+      tables/<name>/qparams          (rows, 2) float32 (scale, bias), int8 tables only
+
+Each chunk file holds ``chunk_rows`` raw little-endian rows, so row ``r`` of a
+table sits in chunk ``r // chunk_rows`` at byte ``(r % chunk_rows) * row_bytes``:
+the SSD tier reads rows with ``pread`` at computed offsets.
+
+Creation streams blocks of rows into a temporary folder beside the target and
+renames it into place at the end; the ``tiermem`` attribute is written last.
+An interrupted creation therefore never leaves a valid store at the target.
+Opening checks the metadata and the size of every chunk file, so a truncated
+or foreign file is an error at open, never a SIGBUS or garbage later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tiermem.errors import ConfigError, StoreError, StoreFormatError
+from tiermem.quantize import RowDtype, encode_rows
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "StoreInfo",
+    "StoreWriter",
+    "TableInfo",
+    "TableSpec",
+    "create_store",
+    "create_store_from_arrays",
+    "create_random_store",
+    "open_store",
+]
+
+FORMAT_NAME = "tiermem-store"
+FORMAT_VERSION = 1
+#: target bytes per chunk file; large enough that a table has few files.
+CHUNK_BYTES = 64 << 20
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Shape and storage type of one embedding table."""
+
+    name: str
+    rows: int
+    dim: int
+    dtype: RowDtype = RowDtype.FLOAT32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise ConfigError(
+                f"table name {self.name!r} is invalid: use 1-128 letters, digits, '_', '.', '-'"
+                " (not starting with '.' or '-')"
+            )
+        for fld in ("rows", "dim"):
+            v = getattr(self, fld)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ConfigError(f"table {self.name!r}: {fld} must be a positive integer, got {v!r}")
+            object.__setattr__(self, fld, int(v))
+        object.__setattr__(self, "dtype", RowDtype.parse(self.dtype))
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dtype.row_bytes(self.dim)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the table on disk (weights and, for int8, qparams)."""
+        extra = 8 * self.rows if self.dtype.quantized else 0
+        return self.rows * self.row_bytes + extra
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "rows": self.rows, "dim": self.dim, "dtype": self.dtype.value}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TableSpec:
+        return cls(name=d["name"], rows=d["rows"], dim=d["dim"], dtype=d.get("dtype", "float32"))
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """A table of an opened store: its spec and where its chunk files are."""
+
+    spec: TableSpec
+    chunk_rows: int
+    weight_dir: Path
+    qparams_dir: Path | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.spec.rows // self.chunk_rows)
+
+    def weight_chunk(self, i: int) -> Path:
+        return self.weight_dir / "c" / str(i) / "0"
+
+    def qparams_chunk(self, i: int) -> Path:
+        assert self.qparams_dir is not None
+        return self.qparams_dir / "c" / str(i) / "0"
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """A validated store on disk (metadata only; tiers read the rows)."""
+
+    path: Path
+    tables: tuple[TableInfo, ...]
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def specs(self) -> list[TableSpec]:
+        return [t.spec for t in self.tables]
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tables]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.spec.nbytes for t in self.tables)
+
+    def table(self, name: str) -> TableInfo:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(f"store {self.path} has no table {name!r}; tables: {self.names}")
+
+    def read_table(self, name: str, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Read a row range of a table into memory (weights, qparams)."""
+        t = self.table(name)
+        start, stop, _ = (rows or slice(None)).indices(t.spec.rows)
+        w = np.empty((max(stop - start, 0), t.spec.dim), t.spec.dtype.numpy)
+        q = np.empty((w.shape[0], 2), np.float32) if t.spec.dtype.quantized else None
+        read_rows_into(t, start, stop, w, q)
+        return w, q
+
+
+def default_chunk_rows(spec: TableSpec) -> int:
+    return max(1, min(spec.rows, CHUNK_BYTES // max(spec.row_bytes, 1)))
+
+
+# ---------------------------------------------------------------------------
+# writing
+
+
+def _array_meta(shape: tuple[int, int], chunk_rows: int, dtype: np.dtype) -> dict[str, Any]:
+    """zarr v3 array metadata for an uncompressed, row-chunked little-endian array."""
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(shape),
+        "data_type": np.dtype(dtype).name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk_rows, shape[1]]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0.0 if np.dtype(dtype).kind == "f" else 0,
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "attributes": {},
+        "dimension_names": ["row", "col"],
+        "storage_transformers": [],
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class StoreWriter:
+    """Streams rows into a new store; use :func:`create_store`.
+
+    Rows are given as float blocks in row order per table (any block size);
+    the writer encodes them to the table's dtype and fills chunk files
+    sequentially, so memory stays at one chunk per table. ``commit()``
+    checks every table is complete, writes the group metadata and renames
+    the temporary folder into place.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], specs: Sequence[TableSpec], *,
+                 overwrite: bool = False, attrs: Mapping[str, Any] | None = None,
+                 chunk_rows: int | None = None) -> None:
+        self.path = Path(path)
+        specs = list(specs)
+        if not specs:
+            raise ConfigError("a store needs at least one table")
+        names = [s.name for s in specs]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"duplicate table names: {sorted(dup)}")
+        if self.path.exists() and not overwrite:
+            raise StoreError(f"{self.path} already exists (pass overwrite=True / --overwrite)")
+        if chunk_rows is not None and chunk_rows < 1:
+            raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        self.specs = specs
+        self.overwrite = overwrite
+        self.attrs = dict(attrs or {})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.tmp.mkdir()
+        self._chunk_rows = {s.name: chunk_rows or default_chunk_rows(s) for s in specs}
+        self._written = dict.fromkeys(names, 0)
+        self._pending: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = {n: [] for n in names}
+        self._pending_rows = dict.fromkeys(names, 0)
+        self._chunk_index = dict.fromkeys(names, 0)
+        self._spec = {s.name: s for s in specs}
+        self._done = False
+        _write_json(self.tmp / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
+        _write_json(self.tmp / "tables" / "zarr.json", {"zarr_format": 3, "node_type": "group",
+                                                         "attributes": {}})
+        for s in specs:
+            cr = self._chunk_rows[s.name]
+            base = self.tmp / "tables" / s.name
+            _write_json(base / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
+            _write_json(base / "weight" / "zarr.json", _array_meta((s.rows, s.dim), cr, s.dtype.numpy))
+            if s.dtype.quantized:
+                _write_json(base / "qparams" / "zarr.json", _array_meta((s.rows, 2), cr, np.float32))
+
+    # context manager: abort on error, commit on success
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def rows_written(self, name: str) -> int:
+        return self._written[name] + self._pending_rows[name]
+
+    def write(self, name: str, block: np.ndarray, qparams: np.ndarray | None = None) -> None:
+        """Append the next rows of table ``name``.
+
+        ``block`` is float (encoded to the table dtype), or, for an int8 table,
+        already-quantized int8 rows with their ``qparams``.
+        """
+        if self._done:
+            raise StoreError("writer already committed or aborted")
+        if name not in self._spec:
+            raise ConfigError(f"unknown table {name!r}; tables: {list(self._spec)}")
+        s = self._spec[name]
+        block = np.asarray(block)
+        if block.ndim != 2 or block.shape[1] != s.dim:
+            raise ConfigError(f"table {name!r}: block must have shape (n, {s.dim}), got {block.shape}")
+        if self.rows_written(name) + block.shape[0] > s.rows:
+            raise ConfigError(
+                f"table {name!r}: writing {block.shape[0]} rows after {self.rows_written(name)}"
+                f" exceeds its {s.rows} rows"
+            )
+        if qparams is not None:
+            if not s.dtype.quantized or block.dtype != np.int8:
+                raise ConfigError(f"table {name!r}: qparams only go with int8 blocks of an int8 table")
+            q, qp = block, np.ascontiguousarray(qparams, dtype=np.float32)
+            if qp.shape != (block.shape[0], 2):
+                raise ConfigError(f"table {name!r}: qparams must have shape ({block.shape[0]}, 2)")
+        else:
+            if block.dtype.kind not in "fiu":
+                raise ConfigError(f"table {name!r}: rows must be numeric, got dtype {block.dtype}")
+            if block.dtype.kind == "f" and not np.isfinite(block).all():
+                raise ConfigError(f"table {name!r}: rows contain NaN or infinity")
+            q, qp = encode_rows(block, s.dtype)
+        self._pending[name].append((q, qp))
+        self._pending_rows[name] += block.shape[0]
+        self._flush(name, final=False)
+
+    def _flush(self, name: str, *, final: bool) -> None:
+        s = self._spec[name]
+        cr = self._chunk_rows[name]
+        while self._pending_rows[name] >= cr or (final and self._pending_rows[name] > 0):
+            take = min(cr, self._pending_rows[name])
+            ws, qs = [], []
+            need = take
+            while need:
+                w, q = self._pending[name][0]
+                if w.shape[0] <= need:
+                    self._pending[name].pop(0)
+                    ws.append(w)
+                    qs.append(q)
+                    need -= w.shape[0]
+                else:
+                    ws.append(w[:need])
+                    qs.append(None if q is None else q[:need])
+                    self._pending[name][0] = (w[need:], None if q is None else q[need:])
+                    need = 0
+            w = np.concatenate(ws) if len(ws) > 1 else ws[0]
+            if take < cr:  # last chunk: zarr stores edge chunks at full size
+                w = np.concatenate([w, np.zeros((cr - take, s.dim), w.dtype)])
+            i = self._chunk_index[name]
+            base = self.tmp / "tables" / name
+            self._write_chunk(base / "weight" / "c" / str(i) / "0", w)
+            if s.dtype.quantized:
+                q = np.concatenate(qs) if len(qs) > 1 else qs[0]
+                if take < cr:
+                    q = np.concatenate([q, np.zeros((cr - take, 2), np.float32)])
+                self._write_chunk(base / "qparams" / "c" / str(i) / "0", q)
+            self._chunk_index[name] = i + 1
+            self._written[name] += take
+            self._pending_rows[name] -= take
+
+    @staticmethod
+    def _write_chunk(path: Path, arr: np.ndarray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = np.ascontiguousarray(arr)
+        if data.dtype.byteorder == ">":
+            data = data.astype(data.dtype.newbyteorder("<"))
+        with open(path, "wb") as f:
+            f.write(memoryview(data).cast("B"))
+
+    def commit(self) -> StoreInfo:
+        """Finish: check completeness, write metadata, fsync, rename into place."""
+        if self._done:
+            raise StoreError("writer already committed or aborted")
+        for name in self._spec:
+            self._flush(name, final=True)
+        short = {n: (self._written[n], self._spec[n].rows) for n in self._spec
+                 if self._written[n] != self._spec[n].rows}
+        if short:
+            self.abort()
+            desc = ", ".join(f"{n}: {w} of {r} rows" for n, (w, r) in short.items())
+            raise StoreError(f"store incomplete, not created: {desc}")
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "tables": [{**s.to_dict(), "chunk_rows": self._chunk_rows[s.name]} for s in self.specs],
+            "attrs": self.attrs,
+        }
+        _fsync_tree(self.tmp)
+        _write_json(self.tmp / "zarr.json",
+                    {"zarr_format": 3, "node_type": "group", "attributes": {"tiermem": meta}})
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._done = True
+        return open_store(self.path)
+
+    def abort(self) -> None:
+        """Drop the temporary folder; the target is untouched."""
+        self._done = True
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for fn in files:
+            fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def create_store(path: str | os.PathLike[str], specs: Sequence[TableSpec], *,
+                 overwrite: bool = False, attrs: Mapping[str, Any] | None = None,
+                 chunk_rows: int | None = None) -> StoreWriter:
+    """Start a new store; write rows with ``.write`` and finish with ``.commit()``.
+
+    Use it as a context manager: it commits on success and removes the
+    temporary folder on error.
+    """
+    return StoreWriter(path, specs, overwrite=overwrite, attrs=attrs, chunk_rows=chunk_rows)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled,
+                leave=False)
+
+
+def create_store_from_arrays(path: str | os.PathLike[str], tables: Mapping[str, Any], *,
+                             dtype: RowDtype | str = RowDtype.FLOAT32, overwrite: bool = False,
+                             block_rows: int = 65536, progress: bool = False,
+                             attrs: Mapping[str, Any] | None = None,
+                             chunk_rows: int | None = None) -> StoreInfo:
+    """Create a store from 2-D arrays (numpy, torch tensors, memmaps), streamed in blocks.
+
+    Arrays are read ``block_rows`` rows at a time, so an ``np.memmap`` or an
+    mmap-loaded torch tensor is never loaded whole.
+    """
+    rd = RowDtype.parse(dtype)
+    specs = []
+    for name, arr in tables.items():
+        shape = tuple(arr.shape)
+        if len(shape) != 2:
+            raise ConfigError(f"table {name!r}: expected a 2-D array, got shape {shape}")
+        specs.append(TableSpec(name, shape[0], shape[1], rd))
+    total = sum(s.rows * s.dim * 4 for s in specs)
+    with create_store(path, specs, overwrite=overwrite, attrs=attrs, chunk_rows=chunk_rows) as w, \
+            _progress(total, "create-store", progress) as bar:
+        for s in specs:
+            arr = tables[s.name]
+            for start in range(0, s.rows, block_rows):
+                block = arr[start:start + block_rows]
+                if hasattr(block, "detach"):
+                    block = block.detach().float().numpy()
+                block = np.asarray(block, dtype=np.float32)
+                w.write(s.name, block)
+                bar.update(block.nbytes)
+    return open_store(path)
+
+
+def create_random_store(path: str | os.PathLike[str], specs: Sequence[TableSpec], *, seed: int = 0,
+                        scale: float | None = None, overwrite: bool = False,
+                        block_rows: int = 65536, progress: bool = False,
+                        attrs: Mapping[str, Any] | None = None,
+                        chunk_rows: int | None = None) -> StoreInfo:
+    """Create a store of uniform random rows in ``[-scale, scale]``.
+
+    ``scale`` defaults to ``1/sqrt(rows)`` per table, the DLRM reference init.
+    Deterministic for a seed; generated block by block.
+    """
+    specs = list(specs)
+    total = sum(s.rows * s.dim * 4 for s in specs)
+    with create_store(path, specs, overwrite=overwrite, attrs=attrs, chunk_rows=chunk_rows) as w, \
+            _progress(total, "create-store", progress) as bar:
+        for ti, s in enumerate(specs):
+            rng = np.random.default_rng([seed, ti])
+            a = float(scale) if scale is not None else 1.0 / np.sqrt(s.rows)
+            for start in range(0, s.rows, block_rows):
+                n = min(block_rows, s.rows - start)
+                block = rng.uniform(-a, a, size=(n, s.dim)).astype(np.float32)
+                w.write(s.name, block)
+                bar.update(block.nbytes)
+    return open_store(path)
+
+
+def random_table(spec: TableSpec, seed: int, ti: int, scale: float | None = None) -> np.ndarray:
+    """The float rows :func:`create_random_store` generates for table ``ti`` (for tests)."""
+    rng = np.random.default_rng([seed, ti])
+    a = float(scale) if scale is not None else 1.0 / np.sqrt(spec.rows)
+    blocks = [rng.uniform(-a, a, size=(min(65536, spec.rows - s), spec.dim)).astype(np.float32)
+              for s in range(0, spec.rows, 65536)]
+    return np.concatenate(blocks)
+
+
+# ---------------------------------------------------------------------------
+# opening
+
+
+def _load_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise StoreFormatError(f"{what}: {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreFormatError(f"{what}: {path} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise StoreFormatError(f"{what}: {path} does not hold a JSON object")
+    return obj
+
+
+def _check_array(meta: dict[str, Any], where: Path, shape: tuple[int, int], chunk_rows: int,
+                 dtype: np.dtype) -> None:
+    def bad(msg: str) -> StoreFormatError:
+        return StoreFormatError(f"{where}: {msg}")
+
+    if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+        raise bad("not a zarr v3 array")
+    if tuple(meta.get("shape", ())) != shape:
+        raise bad(f"shape {meta.get('shape')} != expected {list(shape)}")
+    if meta.get("data_type") != np.dtype(dtype).name:
+        raise bad(f"data_type {meta.get('data_type')!r} != expected {np.dtype(dtype).name!r}")
+    grid = meta.get("chunk_grid", {})
+    cs = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
+    if grid.get("name") != "regular" or cs != [chunk_rows, shape[1]]:
+        raise bad(f"chunk grid {grid} != regular [{chunk_rows}, {shape[1]}]")
+    cke = meta.get("chunk_key_encoding", {})
+    sep = cke.get("configuration", {}).get("separator", "/") if isinstance(cke, dict) else None
+    if cke.get("name") != "default" or sep != "/":
+        raise bad(f"chunk_key_encoding {cke} is not default with '/'")
+    codecs = meta.get("codecs")
+    if (not isinstance(codecs, list) or len(codecs) != 1 or codecs[0].get("name") != "bytes"
+            or codecs[0].get("configuration", {}).get("endian", "little") != "little"):
+        raise bad(f"codecs {codecs} are not a single uncompressed little-endian 'bytes' codec")
+
+
+def _check_chunks(dir_: Path, n_chunks: int, chunk_bytes: int) -> None:
+    for i in range(n_chunks):
+        p = dir_ / "c" / str(i) / "0"
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            raise StoreFormatError(f"chunk file {p} is missing") from None
+        if size != chunk_bytes:
+            raise StoreFormatError(
+                f"chunk file {p} has {size} bytes, expected {chunk_bytes} (truncated or foreign)"
+            )
+
+
+def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> StoreInfo:
+    """Open and validate a store; raises StoreFormatError naming what is wrong."""
+    root = Path(path)
+    if not root.exists():
+        raise StoreFormatError(f"store {root} does not exist")
+    if not root.is_dir():
+        raise StoreFormatError(f"store {root} is not a folder (a zarr v3 group is a folder)")
+    group = _load_json(root / "zarr.json", "store metadata")
+    if group.get("zarr_format") != 3 or group.get("node_type") != "group":
+        raise StoreFormatError(f"{root / 'zarr.json'}: not a zarr v3 group")
+    meta = group.get("attributes", {}).get("tiermem")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise StoreFormatError(
+            f"{root} is not a tiermem store (no complete 'tiermem' attribute: foreign group,"
+            " or an interrupted creation)"
+        )
+    if meta.get("version") != FORMAT_VERSION:
+        raise StoreFormatError(f"{root}: store format version {meta.get('version')!r} is not "
+                               f"supported (this tiermem reads version {FORMAT_VERSION})")
+    tables_meta = meta.get("tables")
+    if not isinstance(tables_meta, list) or not tables_meta:
+        raise StoreFormatError(f"{root}: metadata lists no tables")
+    infos = []
+    for tm in tables_meta:
+        try:
+            spec = TableSpec.from_dict(tm)
+            chunk_rows = int(tm["chunk_rows"])
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
+            raise StoreFormatError(f"{root}: bad table entry {tm!r} in metadata ({e})") from None
+        if chunk_rows < 1:
+            raise StoreFormatError(f"{root}: table {spec.name!r} has chunk_rows {chunk_rows}")
+        wdir = root / "tables" / spec.name / "weight"
+        if not (wdir / "zarr.json").exists():
+            raise StoreFormatError(f"table {spec.name!r} is missing: {wdir} has no zarr.json")
+        _check_array(_load_json(wdir / "zarr.json", f"table {spec.name!r}"), wdir,
+                     (spec.rows, spec.dim), chunk_rows, spec.dtype.numpy)
+        qdir = None
+        if spec.dtype.quantized:
+            qdir = root / "tables" / spec.name / "qparams"
+            _check_array(_load_json(qdir / "zarr.json", f"table {spec.name!r} qparams"), qdir,
+                         (spec.rows, 2), chunk_rows, np.dtype(np.float32))
+        info = TableInfo(spec, chunk_rows, wdir, qdir)
+        if check_chunks:
+            _check_chunks(wdir, info.n_chunks, chunk_rows * spec.row_bytes)
+            if qdir is not None:
+                _check_chunks(qdir, info.n_chunks, chunk_rows * 8)
+        infos.append(info)
+    return StoreInfo(root, tuple(infos), meta.get("attrs", {}))
+
+
+def read_rows_into(t: TableInfo, start: int, stop: int, w: np.ndarray,
+                   q: np.ndarray | None, on_bytes: Callable[[int], None] | None = None) -> None:
+    """Sequentially read rows ``[start, stop)`` of a table into ``w`` (and ``q``)."""
+    cr = t.chunk_rows
+    rb = t.spec.row_bytes
+    wv = memoryview(w.reshape(-1).view(np.uint8))
+    qv = memoryview(q.reshape(-1).view(np.uint8)) if q is not None else None
+    pos = start
+    while pos < stop:
+        c = pos // cr
+        end = min(stop, (c + 1) * cr)
+        off = pos - c * cr
+        _pread_exact(t.weight_chunk(c), off * rb, wv[(pos - start) * rb:(end - start) * rb])
+        if qv is not None:
+            _pread_exact(t.qparams_chunk(c), off * 8, qv[(pos - start) * 8:(end - start) * 8])
+        if on_bytes is not None:
+            on_bytes((end - pos) * rb)
+        pos = end
+
+
+def _pread_exact(path: Path, offset: int, view: memoryview) -> None:
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise StoreFormatError(f"{path}: unexpected end of file at byte {offset + got}")
+            got += n
+
+
+def iter_table_blocks(info: StoreInfo, name: str, block_rows: int = 65536
+                      ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """Yield ``(start, weights, qparams)`` blocks of a table in row order."""
+    t = info.table(name)
+    for start in range(0, t.spec.rows, block_rows):
+        w, q = info.read_table(name, slice(start, min(start + block_rows, t.spec.rows)))
+        yield start, w, q
+
+
+def table_specs(items: Iterable[tuple[str, int, int]], dtype: RowDtype | str) -> list[TableSpec]:
+    """Build specs from ``(name, rows, dim)`` triples with one dtype."""
+    return [TableSpec(n, r, d, RowDtype.parse(dtype)) for n, r, d in items]

@@ -1,0 +1,123 @@
+"""Row I/O kernels: dedupe, extent planning and ``pread`` of rows from chunk files.
+
+The SSD tier reads rows with libc ``pread`` called from Numba functions that
+hold no GIL, so many Python I/O threads keep tens of reads in flight (one
+blocking reader gets ~14K random 4 KiB reads/s here; ~64 in flight reach the
+device's ~140K/s). Nearby rows of the same chunk file are merged into one
+read (an *extent*) when the gap between them is small.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+from numba import njit
+
+from tiermem.kernels._flags import SERIAL, SERIAL_UNCACHED
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_pread = _libc.pread
+# Buffers go in as integer addresses (size_t): Numba passes ints to ctypes
+# functions, and on x86-64/aarch64 a pointer and a size_t share one register.
+_pread.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int64]
+_pread.restype = ctypes.c_ssize_t
+
+
+@njit(**SERIAL)
+def dedupe_sorted(ids):  # type: ignore[no-untyped-def]
+    """Unique ids (sorted) and, for each input id, its position in them."""
+    n = ids.size
+    order = np.argsort(ids, kind="quicksort")
+    inverse = np.empty(n, np.int64)
+    uniq = np.empty(n, np.int64)
+    k = -1
+    prev = 0
+    for j in range(n):
+        v = ids[order[j]]
+        if k < 0 or v != prev:
+            k += 1
+            uniq[k] = v
+            prev = v
+        inverse[order[j]] = k
+    return uniq[: k + 1].copy(), inverse
+
+
+@njit(**SERIAL)
+def plan_extents(rows, chunk_rows, row_bytes, gap_bytes, max_extent_bytes):  # type: ignore[no-untyped-def]
+    """Group sorted unique ``rows`` into reads.
+
+    Returns ``(chunk, first, nrows, u0)`` per extent: chunk file index, first
+    row within the chunk, rows spanned, and the index in ``rows`` of the first
+    wanted row (an extent covers ``rows[u0[e]:u0[e + 1]]``).
+    """
+    n = rows.size
+    chunk = np.empty(n, np.int64)
+    first = np.empty(n, np.int64)
+    nrows = np.empty(n, np.int64)
+    u0 = np.empty(n + 1, np.int64)
+    max_rows = max(1, max_extent_bytes // row_bytes)
+    gap_rows = gap_bytes // row_bytes
+    e = -1
+    cur_c = -1
+    cur_end = 0  # chunk-local row after the current extent
+    for u in range(n):
+        c = rows[u] // chunk_rows
+        r = rows[u] - c * chunk_rows
+        if e >= 0 and c == cur_c and r - cur_end <= gap_rows and r + 1 - first[e] <= max_rows:
+            nrows[e] = r + 1 - first[e]
+            cur_end = r + 1
+        else:
+            e += 1
+            chunk[e] = c
+            first[e] = r
+            nrows[e] = 1
+            u0[e] = u
+            cur_c = c
+            cur_end = r + 1
+    u0[e + 1] = n
+    return chunk[: e + 1].copy(), first[: e + 1].copy(), nrows[: e + 1].copy(), u0[: e + 2].copy()
+
+
+@njit(**SERIAL_UNCACHED)
+def _pread_full(fd, addr, nbytes, offset):  # type: ignore[no-untyped-def]
+    got = 0
+    while got < nbytes:
+        r = _pread(fd, addr + got, nbytes - got, offset + got)
+        if r <= 0:
+            return -1 if r < 0 else got
+        got += r
+    return got
+
+
+@njit(**SERIAL_UNCACHED)
+def pread_extents(fds, chunk, first, nrows, u0, rows, chunk_rows, row_bytes, dst, scratch,
+                  e_start, e_stop):  # type: ignore[no-untyped-def]
+    """Read extents ``[e_start, e_stop)`` and place wanted rows in ``dst``.
+
+    ``dst`` is a uint8 ``(len(rows), row_bytes)`` view; ``scratch`` a uint8
+    buffer of at least the largest extent. Returns ``-1`` when all reads
+    succeeded, else the index of the failing extent.
+    """
+    dst_addr = dst.ctypes.data
+    scr_addr = scratch.ctypes.data
+    n_ops = 0
+    for e in range(e_start, e_stop):
+        fd = fds[chunk[e]]
+        off = first[e] * row_bytes
+        a = u0[e]
+        b = u0[e + 1]
+        if b - a == 1 and nrows[e] == 1:
+            got = _pread_full(fd, dst_addr + a * row_bytes, row_bytes, off)
+            if got != row_bytes:
+                return e
+        else:
+            nb = nrows[e] * row_bytes
+            got = _pread_full(fd, scr_addr, nb, off)
+            if got != nb:
+                return e
+            for u in range(a, b):
+                src = (rows[u] - chunk[e] * chunk_rows - first[e]) * row_bytes
+                for k in range(row_bytes):
+                    dst[u, k] = scratch[src + k]
+    return -1

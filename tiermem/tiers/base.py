@@ -1,0 +1,138 @@
+"""The tier interface: pool a batch of lookups; read rows for a cache.
+
+A tier serves every table of one store. ``pool`` runs the SLS kernel over
+rows the tier holds or fetches; ``read_rows`` copies given rows out, which is
+what a cache in front of a tier needs to fill its slots.
+
+Tables whose rows share a dtype and a width are pooled by one kernel call:
+the tier keeps them in one *arena* and passes where each table starts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+
+from tiermem.config import PoolingMode, TierConfig, TierKind
+from tiermem.errors import InvalidBatchError
+from tiermem.features import SparseFeatures
+from tiermem.format import StoreInfo, TableInfo
+from tiermem.kernels.sls import pool_arena
+from tiermem.quantize import RowDtype
+from tiermem.stats import TableStats, TierStats
+
+__all__ = ["Tier"]
+
+
+class Tier(ABC):
+    """Serves the tables of a store; subclasses decide where rows come from."""
+
+    kind: ClassVar[TierKind]
+
+    def __init__(self, store: StoreInfo, config: TierConfig | None = None) -> None:
+        self.store = store
+        self.config = config or TierConfig(kind=self.kind)
+        self.tables: tuple[TableInfo, ...] = store.tables
+        self._index = {t.name: i for i, t in enumerate(self.tables)}
+        self.stats = TierStats()
+        self._closed = False
+
+    # -- metadata ------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tables]
+
+    def table_index(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise InvalidBatchError(
+                f"unknown table {name!r}: the store has {self.names}") from None
+
+    def group_key(self, i: int) -> tuple[RowDtype, int]:
+        s = self.tables[i].spec
+        return s.dtype, s.dim
+
+    # -- pooling -------------------------------------------------------------
+    def pool(self, features: SparseFeatures, *, mode: PoolingMode | str = PoolingMode.SUM,
+             out: np.ndarray | None = None, validate: bool = True) -> np.ndarray:
+        """Pool every bag of ``features``: returns float32 ``(B, sum of dims)``.
+
+        Columns follow ``features.keys``: table ``keys[t]`` fills
+        ``out[:, c_t : c_t + dim_t]``. ``validate=False`` skips the id range
+        check, for callers that validated already.
+        """
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        mode = PoolingMode.parse(mode)
+        if not isinstance(features, SparseFeatures):
+            raise InvalidBatchError(
+                f"features must be a SparseFeatures, got {type(features).__name__}")
+        tids = [self.table_index(k) for k in features.keys]
+        if validate:
+            features.validate_ids([self.tables[i].spec.rows for i in tids])
+        if mode is PoolingMode.MEAN and features.weights is not None:
+            raise InvalidBatchError("per-sample weights are only supported with mode='sum'")
+        dims = [self.tables[i].spec.dim for i in tids]
+        col = np.zeros(len(dims) + 1, np.int64)
+        np.cumsum(dims, out=col[1:])
+        b = features.batch_size
+        if out is None:
+            out = np.empty((b, int(col[-1])), np.float32)
+        elif out.shape != (b, col[-1]) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise InvalidBatchError(
+                f"out must be a C-contiguous float32 array of shape {(b, int(col[-1]))}")
+        batch_stats = {self.tables[i].name: TableStats() for i in tids}
+        for pos, sub in self._groups(features, tids):
+            self._pool_group(sub, [tids[p] for p in pos], col[pos], mode, out, batch_stats)
+        for k in features.keys:
+            s, e = features.table_range(features.keys.index(k))
+            batch_stats[self.tables[self._index[k]].name].lookups += e - s
+        self.stats.record(batch_stats)
+        return out
+
+    def _groups(self, features: SparseFeatures, tids: Sequence[int]
+                ) -> list[tuple[np.ndarray, SparseFeatures]]:
+        """Split the batch's keys by (dtype, dim): one kernel call per group."""
+        groups: dict[tuple[RowDtype, int], list[int]] = {}
+        for p, i in enumerate(tids):
+            groups.setdefault(self.group_key(i), []).append(p)
+        if len(groups) == 1:
+            return [(np.arange(len(tids)), features)]
+        return [(np.asarray(pos), features.select([features.keys[p] for p in pos]))
+                for pos in groups.values()]
+
+    @abstractmethod
+    def _pool_group(self, features: SparseFeatures, tids: list[int], col_base: np.ndarray,
+                    mode: PoolingMode, out: np.ndarray, stats: dict[str, TableStats]) -> None:
+        """Pool a batch whose tables all share one dtype and dim."""
+
+    def _run_kernel(self, W: np.ndarray, Q: np.ndarray | None, ids: np.ndarray,
+                    features: SparseFeatures, row_base: np.ndarray, col_base: np.ndarray,
+                    mode: PoolingMode, out: np.ndarray) -> None:
+        pool_arena(W, Q, ids, features.offsets, batch_size=features.batch_size,
+                   row_base=row_base, col_base=np.ascontiguousarray(col_base, np.int64),
+                   out=out, weights=features.weights, mode=mode.value,
+                   prefetch_distance=self.config.prefetch_distance)
+
+    # -- rows for a cache ----------------------------------------------------
+    @abstractmethod
+    def read_rows(self, table: str, rows: np.ndarray, w_out: np.ndarray,
+                  q_out: np.ndarray | None = None) -> None:
+        """Copy rows ``rows`` (table-local ids) of ``table`` into ``w_out``/``q_out``."""
+
+    # -- lifetime --------------------------------------------------------------
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self) -> Tier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.store.path)!r}, tables={len(self.tables)})"

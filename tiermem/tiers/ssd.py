@@ -1,0 +1,230 @@
+"""SSD tier: rows read from the store's chunk files with ``pread``, per batch.
+
+Per batch and table the ids are deduplicated, sorted rows are merged into
+extents (nearby rows of one file become one read), and a pool of I/O threads
+reads the extents in parallel: each thread runs a Numba function that holds
+no GIL, so tens of reads are in flight. The rows land in a staging arena and
+the SLS kernel pools from there. The table is never loaded.
+
+Files are opened once and advised ``POSIX_FADV_RANDOM``: with the default
+read-ahead, every random 4 KiB read would pull in more pages than it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from tiermem.config import PoolingMode, TierConfig, TierKind
+from tiermem.errors import StoreError
+from tiermem.features import SparseFeatures
+from tiermem.format import StoreInfo, TableInfo
+from tiermem.kernels.rowio import dedupe_sorted, plan_extents, pread_extents
+from tiermem.stats import TableStats
+from tiermem.tiers.base import Tier
+
+__all__ = ["SsdTier"]
+
+
+def _raise_nofile_limit(need: int) -> None:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            new = hard if hard == resource.RLIM_INFINITY else min(hard, max(need, soft))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+class _TableFiles:
+    """Open file descriptors of one table's chunk files (weights, qparams)."""
+
+    def __init__(self, t: TableInfo) -> None:
+        self.info = t
+        self.weight = np.full(t.n_chunks, -1, np.int32)
+        self.qparams = np.full(t.n_chunks, -1, np.int32) if t.qparams_dir is not None else None
+        try:
+            for c in range(t.n_chunks):
+                self.weight[c] = self._open(str(t.weight_chunk(c)))
+                if self.qparams is not None:
+                    self.qparams[c] = self._open(str(t.qparams_chunk(c)))
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _open(path: str) -> int:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise StoreError(f"cannot open chunk file {path}: {e.strerror}") from None
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return fd
+
+    def all_fds(self) -> list[int]:
+        fds = [int(f) for f in self.weight if f >= 0]
+        if self.qparams is not None:
+            fds += [int(f) for f in self.qparams if f >= 0]
+        return fds
+
+    def close(self) -> None:
+        for fd in self.all_fds():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.weight[:] = -1
+        if self.qparams is not None:
+            self.qparams[:] = -1
+
+
+class SsdTier(Tier):
+    """Rows served from disk through parallel ``pread``; nothing is preloaded."""
+
+    kind = TierKind.SSD
+
+    def __init__(self, store: StoreInfo, config: TierConfig | None = None) -> None:
+        super().__init__(store, config)
+        need = sum(t.n_chunks * (2 if t.qparams_dir else 1) for t in self.tables) + 256
+        _raise_nofile_limit(need)
+        self._files: list[_TableFiles] = []
+        try:
+            for t in self.tables:
+                self._files.append(_TableFiles(t))
+        except BaseException:
+            for f in self._files:
+                f.close()
+            raise
+        self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="tiermem-io")
+        self._scratch = threading.local()
+
+    # -- reading rows ----------------------------------------------------------
+    def _scratch_buf(self) -> np.ndarray:
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None:
+            buf = np.empty(self.config.max_read_bytes + 4096, np.uint8)
+            self._scratch.buf = buf
+        return buf
+
+    def _read_job(self, fds: np.ndarray, plan: tuple[np.ndarray, ...], rows: np.ndarray,
+                  chunk_rows: int, row_bytes: int, dst: np.ndarray, e0: int, e1: int,
+                  table: TableInfo) -> None:
+        chunk, first, nrows, u0 = plan
+        bad = pread_extents(fds, chunk, first, nrows, u0, rows, chunk_rows, row_bytes, dst,
+                            self._scratch_buf(), e0, e1)
+        if bad >= 0:
+            c = int(chunk[bad])
+            raise StoreError(
+                f"table {table.name!r}: reading {int(nrows[bad])} rows at row "
+                f"{c * chunk_rows + int(first[bad])} of chunk file {c} failed (short read or I/O"
+                " error: was the store modified or truncated after it was opened?)")
+
+    def _read_sorted(self, jobs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
+                     stats: dict[str, TableStats] | None) -> None:
+        """Read sorted unique rows of several tables at once.
+
+        ``jobs`` holds ``(table index, rows, w_dst, q_dst)``; destinations are
+        C-contiguous ``(len(rows), dim)`` / ``(len(rows), 2)`` arrays.
+        """
+        c = self.config
+        tasks = []
+        t0 = time.perf_counter()
+        per_table: list[tuple[str, int, int]] = []
+        for i, rows, w_dst, q_dst in jobs:
+            if rows.size == 0:
+                continue
+            t = self.tables[i]
+            files = self._files[i]
+            targets = [(files.weight, t.spec.row_bytes, w_dst)]
+            if files.qparams is not None and q_dst is not None:
+                targets.append((files.qparams, 8, q_dst))
+            for fds, rb, dst in targets:
+                plan = plan_extents(rows, t.chunk_rows, rb, c.coalesce_gap_bytes,
+                                    c.max_read_bytes)
+                n_ext = plan[0].size
+                per_table.append((t.name, n_ext, int(plan[2].sum()) * rb))
+                dst8 = dst.reshape(dst.shape[0], -1).view(np.uint8)
+                # split so that all I/O threads get work, but not tiny slices
+                n_jobs = max(1, min(c.io_threads, n_ext // 4))
+                bounds = np.linspace(0, n_ext, n_jobs + 1).astype(np.int64)
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+                    if b > a:
+                        tasks.append((fds, plan, rows, t.chunk_rows, rb, dst8, int(a), int(b), t))
+        if len(tasks) == 1:
+            self._read_job(*tasks[0])
+        elif tasks:
+            futures = [self._pool.submit(self._read_job, *task) for task in tasks]
+            errors = [f.exception() for f in futures]
+            for e in errors:
+                if e is not None:
+                    raise e
+        if stats is not None:
+            dt = time.perf_counter() - t0
+            total_ops = sum(n for _, n, _ in per_table) or 1
+            for name, n_ext, nbytes in per_table:
+                st = stats[name]
+                st.read_ops += n_ext
+                st.bytes_read += nbytes
+                st.read_seconds += dt * n_ext / total_ops
+
+    def read_rows(self, table: str, rows: np.ndarray, w_out: np.ndarray,
+                  q_out: np.ndarray | None = None) -> None:
+        i = self.table_index(table)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        uniq, inverse = dedupe_sorted(rows)
+        if uniq.size == rows.size and (rows.size < 2 or np.all(rows[1:] > rows[:-1])):
+            self._read_sorted([(i, rows, w_out, q_out)], None)
+            return
+        spec = self.tables[i].spec
+        w = np.empty((uniq.size, spec.dim), spec.dtype.numpy)
+        q = np.empty((uniq.size, 2), np.float32) if q_out is not None else None
+        self._read_sorted([(i, uniq, w, q)], None)
+        np.take(w, inverse, axis=0, out=w_out)
+        if q is not None and q_out is not None:
+            np.take(q, inverse, axis=0, out=q_out)
+
+    # -- pooling -----------------------------------------------------------------
+    def _pool_group(self, features: SparseFeatures, tids: list[int], col_base: np.ndarray,
+                    mode: PoolingMode, out: np.ndarray, stats: dict[str, TableStats]) -> None:
+        spec = self.tables[tids[0]].spec
+        T = len(tids)
+        uniqs, positions = [], np.empty(features.values.size, np.int64)
+        stage_base = np.zeros(T, np.int64)
+        n = 0
+        for p in range(T):
+            s, e = features.table_range(p)
+            u, inv = dedupe_sorted(features.values[s:e])
+            uniqs.append(u)
+            positions[s:e] = inv
+            stage_base[p] = n
+            n += u.size
+        W = np.empty((n, spec.dim), spec.dtype.numpy)
+        Q = np.empty((n, 2), np.float32) if spec.dtype.quantized else None
+        jobs = []
+        for p, i in enumerate(tids):
+            a, b = int(stage_base[p]), int(stage_base[p]) + uniqs[p].size
+            jobs.append((i, uniqs[p], W[a:b], None if Q is None else Q[a:b]))
+            stats[self.tables[i].name].rows_read += uniqs[p].size
+        self._read_sorted(jobs, stats)
+        self._run_kernel(W, Q, positions, features, stage_base, col_base, mode, out)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
+        self._pool.shutdown(wait=True)
+        for f in self._files:
+            f.close()
+
+    def drop_page_cache(self) -> None:
+        """Ask the kernel to drop this store's cached pages (for cold measurements)."""
+        for f in self._files:
+            for fd in f.all_fds():
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

@@ -32,8 +32,11 @@ def load_batch(path: str | os.PathLike[str], table_names: Sequence[str]
         data = np.load(p, allow_pickle=False)
     except FileNotFoundError:
         raise InvalidBatchError(f"batch file {p} does not exist") from None
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise InvalidBatchError(f"batch file {p} is not a readable .npz file ({e})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise InvalidBatchError(f"batch file {p} is a single .npy array, not an .npz archive "
+                                "with 'dense' and sparse arrays")
     with data:
         files = set(data.files)
         if "dense" not in files:

@@ -4,6 +4,7 @@
     tiermem create-store OUT ...       random tables, or the tables of a checkpoint
     tiermem info STORE                 tables, sizes, dtypes of a store
     tiermem predict --model --store --batch --out
+    tiermem trace-stats / trace-generate / trace-convert   (see traces/cli.py)
 """
 
 from __future__ import annotations
@@ -136,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["auto", "dlrm", "torchrec"], default="auto")
     p.add_argument("--stats", action="store_true", help="print tier statistics as JSON")
     _add_tier_args(p)
+
+    from traces.cli import add_trace_commands
+
+    add_trace_commands(sub)
     return ap
 
 
@@ -202,10 +207,13 @@ _COMMANDS = {"demo": _cmd_demo, "create-store": _cmd_create_store, "info": _cmd_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from traces.cli import TRACE_COMMANDS
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    commands = {**_COMMANDS, **TRACE_COMMANDS}
     try:
-        return _COMMANDS[args.command](args)
+        return commands[args.command](args)
     except TierMemError as e:
         print(f"tiermem {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -215,6 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tiermem {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

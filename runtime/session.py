@@ -9,10 +9,12 @@ and the kernels hold no per-call state; torch modules are read-only).
 
 from __future__ import annotations
 
+import collections
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +27,10 @@ from tiermem.features import SparseFeatures
 from tiermem.format import open_store
 from tiermem.kernels import threads as kernel_threads
 from tiermem.tiers import Tier, open_tier
+
+if TYPE_CHECKING:
+    from tiermem.cache.cache import CacheConfig
+    from tiermem.cache.prefetch import PrefetchConfig, Prefetcher
 
 __all__ = ["InferenceSession", "RuntimeConfig"]
 
@@ -41,8 +47,22 @@ class RuntimeConfig:
     """Bag pooling; DLRM uses sum."""
     validate: bool = True
     """Check every id against its table size before pooling."""
+    cache: CacheConfig | None = None
+    """A DRAM cache in front of the tier (for ssd/cxl), or None."""
+    prefetch: PrefetchConfig | None = None
+    """A lookahead prefetcher feeding the cache (needs ``cache``), or None."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.cache, Mapping):
+            from tiermem.cache.cache import CacheConfig
+
+            object.__setattr__(self, "cache", CacheConfig(**dict(self.cache)))
+        if isinstance(self.prefetch, Mapping):
+            from tiermem.cache.prefetch import PrefetchConfig
+
+            object.__setattr__(self, "prefetch", PrefetchConfig(**dict(self.prefetch)))
+        if self.prefetch is not None and self.cache is None:
+            raise ConfigError("RuntimeConfig.prefetch needs a cache (RuntimeConfig.cache)")
         if isinstance(self.tier, Mapping):
             object.__setattr__(self, "tier", TierConfig.from_dict(dict(self.tier)))
         if not isinstance(self.tier, TierConfig):
@@ -58,6 +78,8 @@ class RuntimeConfig:
         d = asdict(self)
         d["tier"] = self.tier.to_dict()
         d["pooling"] = self.pooling.value
+        d["cache"] = None if self.cache is None else self.cache.to_dict()
+        d["prefetch"] = None if self.prefetch is None else asdict(self.prefetch)
         return d
 
     @classmethod
@@ -86,13 +108,23 @@ class InferenceSession:
         if len(self.table_names) != cfg.num_tables:
             raise ConfigError(f"the model has {cfg.num_tables} tables but "
                               f"{len(self.table_names)} table names were given")
+        self._rows = []
         for name in self.table_names:
             spec = tier.tables[tier.table_index(name)].spec
+            self._rows.append(spec.rows)
             if spec.dim != cfg.embedding_dim:
                 raise ConfigError(f"table {name!r} has dim {spec.dim} in the store but the model "
                                   f"expects {cfg.embedding_dim}")
         if self.config.num_threads is not None:
             torch.set_num_threads(self.config.num_threads)
+        self.prefetcher: Prefetcher | None = None
+        if self.config.prefetch is not None:
+            from tiermem.cache.cache import CachedTier
+            from tiermem.cache.prefetch import Prefetcher
+
+            if not isinstance(tier, CachedTier):
+                raise ConfigError("prefetch needs a cached tier (RuntimeConfig.cache)")
+            self.prefetcher = Prefetcher(tier, self.config.prefetch)
 
     @classmethod
     def open(cls, model: str | os.PathLike[str], store: str | os.PathLike[str],
@@ -115,6 +147,10 @@ class InferenceSession:
                 f"{' ...' if len(missing) > 5 else ''}; store tables: {info.names[:8]}")
         tier = open_tier(info, config.tier)
         try:
+            if config.cache is not None:
+                from tiermem.cache.cache import CachedTier
+
+                tier = CachedTier(tier, config.cache)
             return cls(ckpt.build_dense(), tier, names, config)
         except BaseException:
             tier.close()
@@ -123,22 +159,12 @@ class InferenceSession:
     # -- inference ---------------------------------------------------------
     def embed(self, sparse: SparseFeatures | Mapping[str, Any]) -> np.ndarray:
         """Pooled embeddings ``(B, T, D)`` in the model's table order."""
-        features = self._features(sparse)
-        with kernel_threads(self.config.num_threads):
-            pooled = self.tier.pool(features, mode=self.config.pooling,
-                                    validate=self.config.validate)
-        return pooled.reshape(features.batch_size, len(self.table_names), -1)
+        return self._embed_features(self._features(sparse))
 
     def predict(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any]) -> np.ndarray:
         """Click probabilities ``(B,)`` float32 for a batch."""
         dense_t = self._dense(dense)
-        pooled = self.embed(sparse)
-        if pooled.shape[0] != dense_t.shape[0]:
-            raise InvalidBatchError(f"dense has {dense_t.shape[0]} rows but the sparse features "
-                                    f"have batch size {pooled.shape[0]}")
-        with torch.inference_mode():
-            out = self.dense(dense_t, torch.from_numpy(pooled))
-        return out.numpy().astype(np.float32, copy=False)
+        return self._mlp(dense_t, self.embed(sparse))
 
     def _features(self, sparse: SparseFeatures | Mapping[str, Any]) -> SparseFeatures:
         if isinstance(sparse, Mapping):
@@ -164,12 +190,83 @@ class InferenceSession:
             raise InvalidBatchError("dense features contain NaN or infinity")
         return t.float()
 
+    def prefetch(self, sparse: SparseFeatures | Mapping[str, Any]) -> None:
+        """Announce a batch that will run soon: its missing rows are read ahead."""
+        if self.prefetcher is None:
+            return
+        features = self._features(sparse)
+        if self.config.validate:
+            features.validate_ids(self._rows)
+        self.prefetcher.submit(features)
+
+    def predict_stream(self, batches: Iterable[tuple[Any, SparseFeatures | Mapping[str, Any]]],
+                       *, pipeline: bool = True) -> Iterator[np.ndarray]:
+        """Predictions for a stream of ``(dense, sparse)`` batches, in order.
+
+        With ``pipeline`` the embedding stage of batch i+1 runs (Numba, no
+        GIL) while the MLPs of batch i run in torch, and the prefetcher (if
+        configured) reads ahead for batches i+2 .. i+1+lookahead. Results are
+        identical to calling :meth:`predict` on each batch in turn.
+        """
+        ahead = self.config.prefetch.lookahead if self.config.prefetch is not None else 0
+        window: collections.deque[tuple[torch.Tensor, SparseFeatures]] = collections.deque()
+        it = iter(batches)
+
+        def pull() -> bool:
+            try:
+                d, s = next(it)
+            except StopIteration:
+                return False
+            f = self._features(s)
+            window.append((self._dense(d), f))
+            if self.prefetcher is not None and len(window) > 2:
+                self.prefetch(f)
+            return True
+
+        while len(window) < 2 + ahead and pull():
+            pass
+        if not pipeline:
+            while window:
+                d, f = window.popleft()
+                yield self._mlp(d, self._embed_features(f))
+                pull()
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="tiermem-embed") as ex:
+            fut = ex.submit(self._embed_features, window[0][1]) if window else None
+            while fut is not None:
+                d, _ = window.popleft()
+                pooled = fut.result()
+                pull()
+                fut = ex.submit(self._embed_features, window[0][1]) if window else None
+                yield self._mlp(d, pooled)
+
+    def _embed_features(self, features: SparseFeatures) -> np.ndarray:
+        with kernel_threads(self.config.num_threads):
+            pooled = self.tier.pool(features, mode=self.config.pooling,
+                                    validate=self.config.validate)
+        return pooled.reshape(features.batch_size, len(self.table_names), -1)
+
+    def _mlp(self, dense: torch.Tensor, pooled: np.ndarray) -> np.ndarray:
+        if pooled.shape[0] != dense.shape[0]:
+            raise InvalidBatchError(f"dense has {dense.shape[0]} rows but the sparse features "
+                                    f"have batch size {pooled.shape[0]}")
+        with torch.inference_mode():
+            out = self.dense(dense, torch.from_numpy(pooled))
+        return out.numpy().astype(np.float32, copy=False)
+
+    def warm(self, profile: Mapping[str, np.ndarray]) -> int:
+        """Fill the cache from a popularity profile (table -> ids seen); rows loaded."""
+        warm = getattr(self.tier, "warm", None)
+        return int(warm(dict(profile))) if warm is not None else 0
+
     # -- lifetime ------------------------------------------------------------
     @property
     def stats(self) -> dict[str, Any]:
         return self.tier.stats.to_dict()
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         self.tier.close()
 
     def __enter__(self) -> InferenceSession:

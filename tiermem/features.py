@@ -132,7 +132,11 @@ class SparseFeatures:
             if weights is not None:
                 if k not in weights:
                     raise InvalidBatchError(f"weights given but not for table {k!r}")
-                ws.append(np.asarray(weights[k], dtype=np.float32).reshape(-1))
+                wk = np.asarray(weights[k], dtype=np.float32).reshape(-1)
+                if wk.size != ids.size:
+                    raise InvalidBatchError(
+                        f"table {k!r}: {wk.size} weights for {ids.size} ids: one weight per id")
+                ws.append(wk)
         values = np.concatenate(vals)
         offsets = np.concatenate([np.zeros(1, np.int64), *offs])
         return cls(tuple(keys), values, offsets, np.concatenate(ws) if ws else None)

@@ -67,7 +67,7 @@ class TableSpec:
     dtype: RowDtype = RowDtype.FLOAT32
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
             raise ConfigError(
                 f"table name {self.name!r} is invalid: use 1-128 letters, digits, '_', '.', '-'"
                 " (not starting with '.' or '-')"
@@ -285,6 +285,9 @@ class StoreWriter:
                 raise ConfigError(f"table {name!r}: rows must be numeric, got dtype {block.dtype}")
             if block.dtype.kind == "f" and not np.isfinite(block).all():
                 raise ConfigError(f"table {name!r}: rows contain NaN or infinity")
+            if s.dtype is RowDtype.FLOAT16 and block.size and np.abs(block).max() > 65504:
+                raise ConfigError(f"table {name!r}: values beyond +-65504 do not fit float16 "
+                                  f"(max |x| = {float(np.abs(block).max()):g})")
             q, qp = encode_rows(block, s.dtype)
         self._pending[name].append((q, qp))
         self._pending_rows[name] += block.shape[0]
@@ -495,6 +498,10 @@ def _load_json(path: Path, what: str) -> dict[str, Any]:
     return obj
 
 
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    return obj.get(key, default) if isinstance(obj, dict) else default
+
+
 def _check_array(meta: dict[str, Any], where: Path, shape: tuple[int, int], chunk_rows: int,
                  dtype: np.dtype) -> None:
     def bad(msg: str) -> StoreFormatError:
@@ -502,21 +509,22 @@ def _check_array(meta: dict[str, Any], where: Path, shape: tuple[int, int], chun
 
     if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
         raise bad("not a zarr v3 array")
-    if tuple(meta.get("shape", ())) != shape:
-        raise bad(f"shape {meta.get('shape')} != expected {list(shape)}")
+    got_shape = meta.get("shape")
+    if not isinstance(got_shape, list) or tuple(got_shape) != shape:
+        raise bad(f"shape {got_shape} != expected {list(shape)}")
     if meta.get("data_type") != np.dtype(dtype).name:
         raise bad(f"data_type {meta.get('data_type')!r} != expected {np.dtype(dtype).name!r}")
-    grid = meta.get("chunk_grid", {})
-    cs = grid.get("configuration", {}).get("chunk_shape") if isinstance(grid, dict) else None
-    if grid.get("name") != "regular" or cs != [chunk_rows, shape[1]]:
+    grid = meta.get("chunk_grid")
+    cs = _get(_get(grid, "configuration"), "chunk_shape")
+    if _get(grid, "name") != "regular" or cs != [chunk_rows, shape[1]]:
         raise bad(f"chunk grid {grid} != regular [{chunk_rows}, {shape[1]}]")
-    cke = meta.get("chunk_key_encoding", {})
-    sep = cke.get("configuration", {}).get("separator", "/") if isinstance(cke, dict) else None
-    if cke.get("name") != "default" or sep != "/":
+    cke = meta.get("chunk_key_encoding")
+    sep = _get(_get(cke, "configuration", {}), "separator", "/")
+    if _get(cke, "name") != "default" or sep != "/":
         raise bad(f"chunk_key_encoding {cke} is not default with '/'")
     codecs = meta.get("codecs")
-    if (not isinstance(codecs, list) or len(codecs) != 1 or codecs[0].get("name") != "bytes"
-            or codecs[0].get("configuration", {}).get("endian", "little") != "little"):
+    if (not isinstance(codecs, list) or len(codecs) != 1 or _get(codecs[0], "name") != "bytes"
+            or _get(_get(codecs[0], "configuration", {}), "endian", "little") != "little"):
         raise bad(f"codecs {codecs} are not a single uncompressed little-endian 'bytes' codec")
 
 
@@ -543,7 +551,7 @@ def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> St
     group = _load_json(root / "zarr.json", "store metadata")
     if group.get("zarr_format") != 3 or group.get("node_type") != "group":
         raise StoreFormatError(f"{root / 'zarr.json'}: not a zarr v3 group")
-    meta = group.get("attributes", {}).get("tiermem")
+    meta = _get(group.get("attributes"), "tiermem")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise StoreFormatError(
             f"{root} is not a tiermem store (no complete 'tiermem' attribute: foreign group,"

@@ -25,6 +25,18 @@ class TableStats:
     """wall time spent reading rows (SSD)."""
     modeled_delay_seconds: float = 0.0
     """CXL tier: time added by the latency/bandwidth model."""
+    cache_hits: int = 0
+    """cache: distinct rows of a batch found resident."""
+    cache_misses: int = 0
+    """cache: distinct rows of a batch not resident (read from the cold tier)."""
+    hit_lookups: int = 0
+    """cache: lookups whose row was resident."""
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of distinct rows per batch served from the cache."""
+        n = self.cache_hits + self.cache_misses
+        return self.cache_hits / n if n else 0.0
 
     def add(self, other: TableStats) -> None:
         for k, v in asdict(other).items():

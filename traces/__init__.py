@@ -1,5 +1,61 @@
-"""tiermem traces: workload generators (formats, replay and tuning come next)."""
+"""tiermem traces: formats, readers, a production-style generator, analysis and Belady's OPT."""
 
-from traces.synth import synthetic_batches, zipf_ids
+from traces.formats import (
+    CriteoTrace,
+    MetaTrace,
+    NativeTrace,
+    OnError,
+    Trace,
+    TraceBatch,
+    TraceFormatError,
+    TraceWriter,
+    convert_trace,
+    open_trace,
+    rebatch,
+    write_trace,
+)
+from traces.opt import OptResult, belady, belady_curve, global_keys, next_use
+from traces.stats import TraceStats, analyze, format_stats, plot_stats, reuse_histogram
+from traces.synth import (
+    TABLE_PRESETS,
+    GeneratorConfig,
+    Pooling,
+    SyntheticTrace,
+    calibrate,
+    generate,
+    synthetic_batches,
+    zipf_ids,
+)
 
-__all__ = ["synthetic_batches", "zipf_ids"]
+__all__ = [
+    "TABLE_PRESETS",
+    "CriteoTrace",
+    "GeneratorConfig",
+    "MetaTrace",
+    "NativeTrace",
+    "OnError",
+    "OptResult",
+    "Pooling",
+    "SyntheticTrace",
+    "Trace",
+    "TraceBatch",
+    "TraceFormatError",
+    "TraceStats",
+    "TraceWriter",
+    "analyze",
+    "belady",
+    "belady_curve",
+    "calibrate",
+    "convert_trace",
+    "format_stats",
+    "generate",
+    "global_keys",
+    "next_use",
+    "open_trace",
+    "plot_stats",
+    "rebatch",
+    "reuse_histogram",
+    "synthetic_batches",
+    "write_trace",
+    "zipf_ids",
+]

@@ -21,6 +21,7 @@ from tiermem.errors import InvalidBatchError
 from tiermem.features import SparseFeatures
 from tiermem.format import StoreInfo, TableInfo
 from tiermem.kernels.sls import pool_arena
+from tiermem.kernels.validate import check_ids
 from tiermem.quantize import RowDtype
 from tiermem.stats import TableStats, TierStats
 
@@ -119,10 +120,51 @@ class Tier(ABC):
                    prefetch_distance=self.config.prefetch_distance)
 
     # -- rows for a cache ----------------------------------------------------
-    @abstractmethod
     def read_rows(self, table: str, rows: np.ndarray, w_out: np.ndarray,
                   q_out: np.ndarray | None = None) -> None:
-        """Copy rows ``rows`` (table-local ids) of ``table`` into ``w_out``/``q_out``."""
+        """Copy rows ``rows`` (table-local ids, any order) of ``table`` into ``w_out``/``q_out``.
+
+        ``w_out`` is ``(len(rows), dim)`` of the table's dtype; ``q_out``
+        ``(len(rows), 2)`` float32 receives int8 tables' (scale, bias).
+        """
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+        i = self.table_index(table)
+        spec = self.tables[i].spec
+        rows = np.asarray(rows)
+        if rows.ndim != 1 or (rows.size and rows.dtype.kind not in "iu"):
+            raise InvalidBatchError(f"table {table!r}: rows must be a 1-D integer array")
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        msg = check_ids(rows, 0, rows.size, spec.rows)
+        if msg:
+            raise InvalidBatchError(f"table {table!r}: {msg.replace('ids[', 'rows[')}")
+        if w_out.shape != (rows.size, spec.dim) or w_out.dtype != spec.dtype.numpy:
+            raise InvalidBatchError(f"table {table!r}: w_out must be {spec.dtype.value} of shape "
+                                    f"{(rows.size, spec.dim)}")
+        if q_out is not None and (q_out.shape != (rows.size, 2) or q_out.dtype != np.float32):
+            raise InvalidBatchError(f"table {table!r}: q_out must be float32 of shape "
+                                    f"{(rows.size, 2)}")
+        self._read_rows(i, rows, w_out, q_out)
+
+    @abstractmethod
+    def _read_rows(self, i: int, rows: np.ndarray, w_out: np.ndarray,
+                   q_out: np.ndarray | None) -> None:
+        """read_rows after validation; ``i`` is the table index."""
+
+    def read_many(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
+                  stats: dict[str, TableStats] | None = None) -> None:
+        """Several reads at once: ``(table index, sorted unique rows, w_out, q_out)``.
+
+        Tiers that can overlap reads (SSD) issue them all together. ``stats``
+        (table name -> counters) receives the bytes and operations spent.
+        """
+        for i, rows, w_out, q_out in requests:
+            self._read_rows(i, rows, w_out, q_out)
+            if stats is not None:
+                spec = self.tables[i].spec
+                st = stats[spec.name]
+                st.read_ops += rows.size
+                st.bytes_read += rows.size * (spec.row_bytes + (8 if spec.dtype.quantized else 0))
 
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:

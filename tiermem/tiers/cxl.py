@@ -10,6 +10,7 @@ emulated penalty separately.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -55,4 +56,17 @@ class CxlTier(DramTier):
             st.read_ops += n
             st.modeled_delay_seconds += delay
             total += delay
+        wait_for(total)
+
+    def read_many(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
+                  stats: dict[str, TableStats] | None = None) -> None:
+        """Copy rows out (for a cache in front), charging the model for them."""
+        super().read_many(requests, stats)
+        total = 0.0
+        for i, rows, _, _ in requests:
+            spec = self.tables[i].spec
+            delay = self.modeled_seconds(rows.size, rows.size * spec.row_bytes)
+            total += delay
+            if stats is not None:
+                stats[spec.name].modeled_delay_seconds += delay
         wait_for(total)

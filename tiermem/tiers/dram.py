@@ -77,9 +77,9 @@ class DramTier(Tier):
             st.rows_read += e - s
             st.bytes_read += (e - s) * (t.spec.row_bytes + (8 if t.spec.dtype.quantized else 0))
 
-    def read_rows(self, table: str, rows: np.ndarray, w_out: np.ndarray,
-                  q_out: np.ndarray | None = None) -> None:
-        w, q = self.table_rows(table)
+    def _read_rows(self, i: int, rows: np.ndarray, w_out: np.ndarray,
+                   q_out: np.ndarray | None) -> None:
+        w, q = self.table_rows(self.tables[i].name)
         np.take(w, rows, axis=0, out=w_out)
         if q is not None and q_out is not None:
             np.take(q, rows, axis=0, out=q_out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -174,10 +175,8 @@ class SsdTier(Tier):
                 st.bytes_read += nbytes
                 st.read_seconds += dt * n_ext / total_ops
 
-    def read_rows(self, table: str, rows: np.ndarray, w_out: np.ndarray,
-                  q_out: np.ndarray | None = None) -> None:
-        i = self.table_index(table)
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
+    def _read_rows(self, i: int, rows: np.ndarray, w_out: np.ndarray,
+                   q_out: np.ndarray | None) -> None:
         uniq, inverse = dedupe_sorted(rows)
         if uniq.size == rows.size and (rows.size < 2 or np.all(rows[1:] > rows[:-1])):
             self._read_sorted([(i, rows, w_out, q_out)], None)
@@ -189,6 +188,11 @@ class SsdTier(Tier):
         np.take(w, inverse, axis=0, out=w_out)
         if q is not None and q_out is not None:
             np.take(q, inverse, axis=0, out=q_out)
+
+    def read_many(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
+                  stats: dict[str, TableStats] | None = None) -> None:
+        self._read_sorted([(i, np.ascontiguousarray(r, np.int64), w, q)
+                           for i, r, w, q in requests], stats)
 
     # -- pooling -----------------------------------------------------------------
     def _pool_group(self, features: SparseFeatures, tids: list[int], col_base: np.ndarray,

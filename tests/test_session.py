@@ -1,0 +1,161 @@
+"""InferenceSession end to end: checkpoint + store -> predictions equal a plain torch DLRM."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from runtime import (
+    DLRMConfig,
+    InferenceSession,
+    RuntimeConfig,
+    random_dense,
+    save_dlrm_checkpoint,
+    save_torchrec_checkpoint,
+    store_from_checkpoint,
+)
+from tests.naive import reference_dlrm_forward
+from tiermem import ConfigError, InvalidBatchError, SparseFeatures, TierConfig
+
+ROWS = (300, 41, 1000, 7)
+DIM = 6
+
+
+def _model(tmp_path, layout):
+    cfg = DLRMConfig(num_dense=5, embedding_dim=DIM, num_tables=len(ROWS), bottom_mlp=(11, DIM),
+                     top_mlp=(9, 4, 1), interaction=layout)
+    rng = np.random.default_rng(3)
+    tables = [rng.standard_normal((r, DIM)).astype(np.float32) for r in ROWS]
+    path = tmp_path / f"{layout}.pt"
+    dense = random_dense(cfg, seed=5)
+    if layout == "dlrm":
+        save_dlrm_checkpoint(path, cfg, tables, dense)
+    else:
+        save_torchrec_checkpoint(path, cfg, tables, dense)
+    return path, cfg
+
+
+def _batch(names, b, rng, max_pool=4):
+    per = []
+    for name, rows in zip(names, ROWS, strict=True):
+        lengths = rng.integers(0, max_pool + 1, b)
+        ids = rng.integers(0, rows, int(lengths.sum()))
+        off = np.concatenate([[0], np.cumsum(lengths)])
+        per.append((name, ids, off))
+    return SparseFeatures.from_tables(per), per
+
+
+def _reference(path, layout, dense, per):
+    state = torch.load(path, weights_only=True)
+    sparse = [(torch.from_numpy(ids), torch.from_numpy(off)) for _, ids, off in per]
+    return reference_dlrm_forward(state, layout, torch.from_numpy(dense), sparse).numpy()
+
+
+@pytest.mark.parametrize("layout", ["dlrm", "torchrec"])
+@pytest.mark.parametrize("tier", ["dram", "ssd", "cxl"])
+def test_predict_matches_plain_torch(tmp_path, layout, tier):
+    path, cfg = _model(tmp_path, layout)
+    store = tmp_path / "s.zarr"
+    store_from_checkpoint(path, store)
+    rng = np.random.default_rng(11)
+    conf = RuntimeConfig(tier=TierConfig(kind=tier, io_threads=4))
+    with InferenceSession.open(path, store, conf) as sess:
+        for b in (1, 17, 64):
+            sparse, per = _batch(sess.table_names, b, rng)
+            dense = rng.standard_normal((b, cfg.num_dense)).astype(np.float32)
+            got = sess.predict(dense, sparse)
+            ref = _reference(path, layout, dense, per)
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+        assert sess.stats["tables"][sess.table_names[0]]["lookups"] > 0
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 2e-3), ("int8", 3e-2)])
+def test_reduced_precision_tables_stay_close(tmp_path, dtype, tol):
+    path, cfg = _model(tmp_path, "dlrm")
+    store = tmp_path / f"{dtype}.zarr"
+    store_from_checkpoint(path, store, dtype=dtype)
+    rng = np.random.default_rng(1)
+    with InferenceSession.open(path, store) as sess:
+        sparse, per = _batch(sess.table_names, 32, rng)
+        dense = rng.standard_normal((32, cfg.num_dense)).astype(np.float32)
+        got = sess.predict(dense, sparse)
+    ref = _reference(path, "dlrm", dense, per)
+    assert np.abs(got - ref).max() < tol
+
+
+def test_keys_in_any_order_and_mapping_input(tmp_path):
+    path, cfg = _model(tmp_path, "dlrm")
+    store = tmp_path / "s.zarr"
+    store_from_checkpoint(path, store)
+    rng = np.random.default_rng(2)
+    with InferenceSession.open(path, store) as sess:
+        sparse, per = _batch(sess.table_names, 8, rng)
+        dense = rng.standard_normal((8, cfg.num_dense)).astype(np.float32)
+        a = sess.predict(dense, sparse)
+        shuffled = SparseFeatures.from_tables(list(reversed(per)))
+        b = sess.predict(dense, shuffled)
+        c = sess.predict(dense, {n: (i, o) for n, i, o in per})
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+
+
+def test_concurrent_predict_equals_sequential(tmp_path):
+    path, cfg = _model(tmp_path, "torchrec")
+    store = tmp_path / "s.zarr"
+    store_from_checkpoint(path, store)
+    rng = np.random.default_rng(4)
+    with InferenceSession.open(path, store, RuntimeConfig(tier=TierConfig(kind="ssd"))) as sess:
+        batches = []
+        for _ in range(16):
+            sparse, _ = _batch(sess.table_names, 33, rng)
+            batches.append((rng.standard_normal((33, cfg.num_dense)).astype(np.float32), sparse))
+        expected = [sess.predict(d, s) for d, s in batches]
+        results: list[np.ndarray | None] = [None] * len(batches)
+
+        def work(i):
+            results[i] = sess.predict(*batches[i])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    for e, r in zip(expected, results, strict=True):
+        np.testing.assert_array_equal(e, r)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    path, cfg = _model(tmp_path, "dlrm")
+    store = tmp_path / "s.zarr"
+    store_from_checkpoint(path, store)
+    rng = np.random.default_rng(5)
+    with InferenceSession.open(path, store) as sess:
+        sparse, per = _batch(sess.table_names, 4, rng)
+        dense = rng.standard_normal((4, cfg.num_dense)).astype(np.float32)
+        with pytest.raises(InvalidBatchError, match=r"dense must have shape \(B, 5\)"):
+            sess.predict(dense[:, :3], sparse)
+        with pytest.raises(InvalidBatchError, match="3 rows but the sparse features"):
+            sess.predict(dense[:3], sparse)
+        with pytest.raises(InvalidBatchError, match="NaN"):
+            sess.predict(np.full_like(dense, np.nan), sparse)
+        bad = [(n, i.copy(), o) for n, i, o in per]
+        bad[2][1][0] = ROWS[2]  # one past the end of table emb_l.2
+        with pytest.raises(InvalidBatchError, match=r"emb_l\.2.*out of range"):
+            sess.predict(dense, SparseFeatures.from_tables(bad))
+        with pytest.raises(InvalidBatchError, match="no table"):
+            sess.predict(dense, SparseFeatures.from_tables(per[:2]))
+    with pytest.raises(ConfigError, match="num_threads"):
+        RuntimeConfig(num_threads=0)
+
+
+def test_store_missing_model_tables_is_clear(tmp_path):
+    from tiermem import TableSpec, create_random_store
+
+    path, _ = _model(tmp_path, "dlrm")
+    other = tmp_path / "other.zarr"
+    create_random_store(other, [TableSpec("x", 10, DIM)])
+    with pytest.raises(ConfigError, match="lacks the model's table"):
+        InferenceSession.open(path, other)

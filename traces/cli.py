@@ -1,0 +1,254 @@
+"""Trace subcommands of the ``tiermem`` command.
+
+    tiermem trace-stats TRACE [--plots DIR] [--target meta2021]   analysis, text + PNG
+    tiermem trace-generate OUT --tables criteo_kaggle ...          synthetic -> native
+    tiermem trace-convert INPUT... --out OUT [--from meta|criteo]  Meta .pt(.gz) / TSV -> native
+
+Wiring into an argparse CLI::
+
+    sub = parser.add_subparsers(dest="command")
+    add_trace_commands(sub)          # each parser gets defaults(handler=...)
+    ...
+    return args.handler(args)        # or TRACE_COMMANDS[args.command](args)
+
+Handlers return an exit code and raise :class:`~tiermem.errors.TierMemError`
+for bad input. ``python -m traces.cli`` runs them standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tiermem.errors import ConfigError, TierMemError
+
+__all__ = ["TRACE_COMMANDS", "add_trace_commands", "main"]
+
+
+def _pos_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _detect_source(paths: Sequence[str]) -> str:
+    p = Path(paths[0])
+    if p.is_dir():
+        return "native"
+    name = p.name
+    if name.endswith((".pt", ".pt.gz", ".pth", ".pth.gz")):
+        return "meta"
+    return "criteo"
+
+
+def _open_source(args: argparse.Namespace, paths: Sequence[str]) -> Any:
+    from traces.formats import CriteoTrace, MetaTrace, NativeTrace
+
+    kind = args.source or _detect_source(paths)
+    if kind == "native":
+        if len(paths) != 1:
+            raise ConfigError("a native trace is one directory")
+        tables = args.tables.split(",") if args.tables else None
+        return NativeTrace(paths[0], batch_size=args.batch_size, tables=tables,
+                           on_error=args.on_error)
+    if kind == "meta":
+        tables = _int_list(args.tables) if args.tables else None
+        rows = _int_list(args.rows) if args.rows else None
+        return MetaTrace(paths, tables=tables, batch_size=args.batch_size, rows=rows,
+                         on_error=args.on_error)
+    if kind == "criteo":
+        tables = _int_list(args.tables) if args.tables else None
+        labelled = None if args.labelled == "auto" else args.labelled == "yes"
+        return CriteoTrace(paths, rows=args.rows or "criteo_kaggle",
+                           batch_size=args.batch_size or 2048, labelled=labelled,
+                           missing_id=args.missing_id, tables=tables, on_error=args.on_error,
+                           max_samples=args.max_samples)
+    raise ConfigError(f"unknown source format {kind!r}")
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input")
+    g.add_argument("--from", dest="source", choices=["native", "meta", "criteo"], default=None,
+                   help="input format (default: a directory is native, *.pt[.gz] is Meta "
+                        "dlrm_datasets, anything else Criteo TSV)")
+    g.add_argument("--batch-size", type=_pos_int, default=None,
+                   help="re-cut into batches of this many samples (Criteo default 2048; "
+                        "native/Meta default: as stored)")
+    g.add_argument("--tables", default=None,
+                   help="tables to keep: Meta/Criteo 0-based indices '0,3,7'; native names")
+    g.add_argument("--rows", default=None,
+                   help="table rows: Meta 'r0,r1,...' for the kept tables (default max id + 1); "
+                        "Criteo a preset (criteo_kaggle [default], criteo_terabyte, dlrmv2, "
+                        "criteo_terabyte_40m, criteo_terabyte_10m) or 26 counts")
+    g.add_argument("--labelled", choices=["auto", "yes", "no"], default="auto",
+                   help="Criteo: lines start with a label (train) or not (Kaggle test)")
+    g.add_argument("--missing-id", type=int, default=0,
+                   help="Criteo: row for a missing categorical value (default 0)")
+    g.add_argument("--max-samples", type=_pos_int, default=None,
+                   help="Criteo: stop after this many samples")
+    g.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="malformed records: stop with an error (default) or skip and count")
+
+
+def cmd_trace_stats(args: argparse.Namespace) -> int:
+    from traces.stats import analyze, format_stats, meta_target, plot_stats
+
+    src = _open_source(args, args.trace)
+    target = meta_target(args.target) if args.target else None
+    st = analyze(src, max_batches=args.max_batches)
+    if args.json:
+        d = st.to_dict()
+        if target is not None:
+            from traces.stats import histogram_distance
+            d["target_distance"] = histogram_distance(st.reuse.lookup_fractions, target)
+        print(json.dumps(d, indent=1))
+    else:
+        print(format_stats(st, target=target))
+    if getattr(src, "skipped", 0):
+        print(f"skipped {src.skipped} malformed records; first: {src.skip_reasons[0]}",
+              file=sys.stderr)
+    if args.plots:
+        for p in plot_stats(st, args.plots, target=target):
+            print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+def cmd_trace_generate(args: argparse.Namespace) -> int:
+    from traces.formats import convert_trace
+    from traces.synth import GeneratorConfig, SyntheticTrace, calibrate
+
+    cfg = GeneratorConfig.from_preset(
+        args.tables, pooling=args.pooling, batch_size=args.batch_size,
+        n_batches=args.batches, alpha=args.alpha, alpha_spread=args.alpha_spread,
+        active_fraction=args.active_fraction, locality=args.locality,
+        locality_window=args.locality_window, drift=args.drift, seed=args.seed)
+    attrs: dict[str, Any] = {}
+    if args.calibrate_to:
+        t0 = time.perf_counter()
+        res = calibrate(args.calibrate_to, cfg, n_batches=args.calibrate_batches)
+        cfg = res.config
+        attrs["calibration"] = {"target": str(args.calibrate_to), **res.to_dict()}
+        print(f"calibrated to {args.calibrate_to} in {time.perf_counter() - t0:.1f} s "
+              f"({res.evaluations} evaluations): alpha {res.config.alpha:.3f}, alpha_spread "
+              f"{res.config.alpha_spread:.2f}, active_fraction {res.config.active_fraction:.4g}; "
+              f"distance (total variation) {res.distance:.4f} (before: "
+              f"{res.baseline_distance:.4f})")
+    attrs["generator"] = cfg.to_dict()
+    out = convert_trace(SyntheticTrace(cfg), args.out, overwrite=args.overwrite,
+                        compress=args.compress, attrs=attrs)
+    print(f"wrote {out}: {cfg.n_batches} batches of {cfg.batch_size} samples, "
+          f"{len(cfg.table_rows)} tables")
+    return 0
+
+
+def cmd_trace_convert(args: argparse.Namespace) -> int:
+    from traces.formats import convert_trace
+
+    src = _open_source(args, args.inputs)
+    out = convert_trace(src, args.out, overwrite=args.overwrite, compress=args.compress,
+                        attrs={"inputs": [str(p) for p in args.inputs]})
+    msg = f"wrote {out}"
+    if getattr(src, "skipped", 0):
+        msg += f" (skipped {src.skipped} malformed records; first: {src.skip_reasons[0]})"
+    print(msg)
+    return 0
+
+
+TRACE_COMMANDS = {"trace-stats": cmd_trace_stats, "trace-generate": cmd_trace_generate,
+                  "trace-convert": cmd_trace_convert}
+
+
+def add_trace_commands(subparsers: Any) -> None:
+    """Register ``trace-stats``, ``trace-generate`` and ``trace-convert``."""
+    s = subparsers.add_parser(
+        "trace-stats", help="unique ids, reuse histogram, coverage, pooling of a trace",
+        description="Analyze a trace (native directory, Meta .pt[.gz] files or Criteo TSV): "
+                    "unique ids per batch, reuse histogram in Meta's locality_stats bins, "
+                    "coverage curve, pooling-factor distribution; text and PNG plots.")
+    s.add_argument("trace", nargs="+", help="native trace directory, or input files")
+    _add_source_args(s)
+    s.add_argument("--max-batches", type=_pos_int, default=None, help="analyze the first N batches")
+    s.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots into DIR")
+    s.add_argument("--target", default=None, metavar="meta2021|meta2022|PATH",
+                   help="compare the reuse histogram with Meta's (or a locality_stats file)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of text")
+    s.set_defaults(handler=cmd_trace_stats)
+
+    g = subparsers.add_parser(
+        "trace-generate", help="write a synthetic production-style trace (native format)",
+        description="Generate a seeded trace: per-table Zipf popularity, pooling-factor "
+                    "distributions, temporal locality and drift; optionally calibrated to a "
+                    "target reuse histogram.")
+    g.add_argument("out", help="output trace directory")
+    g.add_argument("--tables", default="criteo_kaggle",
+                   help="preset (criteo_kaggle, criteo_terabyte, dlrmv2, criteo_terabyte_40m, "
+                        "criteo_terabyte_10m) or rows 'r0,r1,...' (default criteo_kaggle)")
+    g.add_argument("--batch-size", type=_pos_int, default=2048)
+    g.add_argument("--batches", type=_pos_int, default=10)
+    g.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent (default 1.05)")
+    g.add_argument("--alpha-spread", type=float, default=0.0,
+                   help="per-table spread of the exponent (log-normal, default 0)")
+    g.add_argument("--active-fraction", type=float, default=1.0,
+                   help="share of each table's rows that popularity ranges over (default 1)")
+    g.add_argument("--pooling", default="1",
+                   help="N | fixed:N | uniform:LO:HI | lognormal:MEAN:SIGMA[:MAX[:P_EMPTY]] | "
+                        "dlrmv2 (multi-hot sizes; default 1)")
+    g.add_argument("--locality", type=float, default=0.0,
+                   help="probability a lookup repeats a recent id (default 0)")
+    g.add_argument("--locality-window", type=_pos_int, default=4,
+                   help="batches of history for --locality (default 4)")
+    g.add_argument("--drift", type=float, default=0.0,
+                   help="popularity shift per batch, fraction of rows (default 0)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--calibrate-to", default=None, metavar="meta2021|meta2022|PATH",
+                   help="fit alpha, alpha-spread and active-fraction to this reuse histogram "
+                        "first; prints the distance")
+    g.add_argument("--calibrate-batches", type=_pos_int, default=1,
+                   help="batches per calibration evaluation (default 1)")
+    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--compress", action="store_true", help="deflate the batch files")
+    g.set_defaults(handler=cmd_trace_generate)
+
+    c = subparsers.add_parser(
+        "trace-convert", help="convert Meta dlrm_datasets .pt(.gz) or Criteo TSV to native",
+        description="Stream input files into a native trace directory (atomic write).")
+    c.add_argument("inputs", nargs="+", help="input files, in order")
+    c.add_argument("--out", required=True, help="output trace directory")
+    _add_source_args(c)
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--compress", action="store_true", help="deflate the batch files")
+    c.set_defaults(handler=cmd_trace_convert)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point (``python -m traces.cli COMMAND ...``)."""
+    ap = argparse.ArgumentParser(prog="tiermem")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    add_trace_commands(sub)
+    args = ap.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except TierMemError as e:
+        print(f"tiermem {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

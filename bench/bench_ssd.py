@@ -56,9 +56,17 @@ def resident_pages(paths: list[Path]) -> str:
     return f"{sum(int(x) for x in out if x.isdigit()) / 2**20:.1f} MiB resident"
 
 
-def raw_random_reads(paths: list[Path], n_reads: int, threads: int, seed: int) -> float:
+def aligned_empty(n: int, align: int = 4096) -> np.ndarray:
+    raw = np.empty(n + align, np.uint8)
+    skip = (-raw.ctypes.data) % align
+    return raw[skip:skip + n]
+
+
+def raw_random_reads(paths: list[Path], n_reads: int, threads: int, seed: int,
+                     direct: bool) -> float:
     """Random 4 KiB reads/s over the files, ``threads`` GIL-free readers."""
-    fds = np.array([os.open(p, os.O_RDONLY) for p in paths], np.int32)
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    fds = np.array([os.open(p, flags) for p in paths], np.int32)
     for fd in fds:
         os.posix_fadvise(int(fd), 0, 0, os.POSIX_FADV_RANDOM)
     try:
@@ -75,9 +83,9 @@ def raw_random_reads(paths: list[Path], n_reads: int, threads: int, seed: int) -
         bounds = np.linspace(0, n_reads, threads + 1).astype(np.int64)
 
         def job(a: int, b: int) -> int:
-            scratch = np.empty(8192, np.uint8)
+            scratch = aligned_empty(3 * 4096)
             return int(pread_extents(fds, chunk, first, nrows, u0, rows, blocks, 4096, dst,
-                                     scratch, a, b))
+                                     scratch, a, b, 4096 if direct else 0))
 
         job(0, 1)  # compile
         drop_cache(paths)
@@ -102,12 +110,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--io-threads", type=int, default=64)
     ap.add_argument("--dir", default="bench-out")
+    ap.add_argument("--direct", action="store_true",
+                    help="O_DIRECT for both the raw reads and the tier (no page cache)")
     ap.add_argument("--quick", action="store_true", help="small store, few reps (smoke run)")
     args = ap.parse_args()
     if args.quick:
         args.rows, args.reps, args.batch_size, args.pooling = 200_000, 2, 256, 8
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.machine())
+    print(f"machine: {cpu}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}")
     path = Path(args.dir) / f"ssd-{args.rows}x{args.dim}.zarr"
     try:
@@ -122,11 +133,14 @@ def main() -> None:
     print(f"store: {args.rows:,} x {args.dim} float32 = {info.nbytes / 2**30:.2f} GiB in "
           f"{len(files)} chunk files; io threads {args.io_threads}")
 
-    raw = raw_random_reads(files, 40_000 if not args.quick else 5_000, args.io_threads, 1)
+    raw = raw_random_reads(files, 40_000 if not args.quick else 5_000, args.io_threads, 1,
+                           args.direct)
+    mode = "O_DIRECT" if args.direct else "page cache dropped"
     print(f"raw device: {raw:,.0f} random 4 KiB reads/s ({args.io_threads} GIL-free readers, "
-          "cache dropped)")
+          f"{mode})")
 
-    tier = SsdTier(info, TierConfig(kind=TierKind.SSD, io_threads=args.io_threads))
+    tier = SsdTier(info, TierConfig(kind=TierKind.SSD, io_threads=args.io_threads,
+                                    direct_io=args.direct))
     rng = np.random.default_rng(2)
     nnz = args.batch_size * args.pooling
     offsets = np.arange(0, nnz + 1, args.pooling, dtype=np.int64)

@@ -61,6 +61,8 @@ class TierConfig:
     """SSD tier: merge reads of rows of one chunk file closer than this."""
     max_read_bytes: int = 1 << 20
     """SSD tier: largest single merged read."""
+    direct_io: bool = False
+    """SSD tier: open files O_DIRECT (bypass the OS page cache)."""
     cxl_latency_ns: float = 250.0
     """CXL tier: latency of one row access."""
     cxl_bandwidth_gbps: float = 32.0
@@ -76,6 +78,8 @@ class TierConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"TierConfig.{name} must be an integer >= {lo}, got {v!r}")
+        if not isinstance(self.direct_io, bool):
+            raise ConfigError(f"TierConfig.direct_io must be a bool, got {self.direct_io!r}")
         if self.prefetch_distance > 4096:
             raise ConfigError(f"TierConfig.prefetch_distance must be <= 4096, got "
                               f"{self.prefetch_distance}")

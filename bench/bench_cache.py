@@ -1,0 +1,281 @@
+"""The DRAM cache over a cold SSD: throughput, prefetch, pipeline, policies vs OPT.
+
+Everything is measured in one run against our own all-DRAM tier on the same
+trace; the SSD tier reads with O_DIRECT by default (no OS page cache behind
+the cache, so DRAM use is what the cache holds) and its files are dropped
+from the page cache before every run.
+
+    python bench/bench_cache.py [--rows 1000000] [--tables 8] [--quick]
+
+Parts (``--parts 1,2,3,4``):
+1. embedding-stage throughput with caches of 2/5/10% of the table bytes, on a
+   Zipf(1.05) trace and on a trace calibrated to Meta's published reuse
+   statistics; ratio to all-DRAM (goal at 10%: >= 0.8x);
+2. prefetch on vs off: p50/p99 batch latency (goal: p99 >= 3x lower with
+   prefetch) and the device read rate while misses are served, against the
+   raw parallel 4 KiB random-read rate measured in the same run (goal >= 80%);
+3. pipeline on vs off: end-to-end DLRM throughput against 1/max(stage time)
+   (goal >= 0.9);
+4. hit rate of every policy against Belady's OPT at 5% capacity (goal: best
+   within 5 points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_ssd import raw_random_reads  # noqa: E402
+from runtime.model import DLRMConfig, random_dense  # noqa: E402
+from tiermem.cache.cache import CacheConfig, CachedTier  # noqa: E402
+from tiermem.cache.policy import make_policy  # noqa: E402
+from tiermem.cache.prefetch import PrefetchConfig, Prefetcher  # noqa: E402
+from tiermem.config import TierConfig, TierKind  # noqa: E402
+from tiermem.features import SparseFeatures  # noqa: E402
+from tiermem.format import TableSpec, create_random_store, open_store  # noqa: E402
+from tiermem.kernels.dedupe import dedupe_first  # noqa: E402
+from tiermem.tiers import DramTier, SsdTier  # noqa: E402
+from traces.opt import belady  # noqa: E402
+from traces.synth import GeneratorConfig, Pooling, generate, synthetic_batches  # noqa: E402
+
+# Meta 2021 calibration found by `tiermem trace-generate --calibrate-to meta2021`
+META_FIT = {"alpha": 0.88, "alpha_spread": 0.15, "active_fraction": 0.06}
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), "?")
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def build_store(args: argparse.Namespace):
+    path = Path(args.dir) / f"cache-{args.tables}x{args.rows}x{args.dim}.zarr"
+    try:
+        return open_store(path)
+    except Exception:
+        specs = [TableSpec(f"t{i}", args.rows, args.dim) for i in range(args.tables)]
+        t0 = time.perf_counter()
+        info = create_random_store(path, specs, overwrite=True, progress=True)
+        print(f"built {path} ({info.nbytes / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s")
+        return info
+
+
+def traces(args: argparse.Namespace, keys: list[str]) -> dict[str, list[SparseFeatures]]:
+    rows = [args.rows] * args.tables
+    n = args.warm_batches + args.batches
+    zipf = list(synthetic_batches(rows, batch_size=args.batch_size, n_batches=n, alpha=1.05,
+                                  pooling=args.pooling, keys=keys, seed=1))
+    cfg = GeneratorConfig(table_rows=tuple(rows), batch_size=args.batch_size, n_batches=n,
+                          pooling=Pooling(kind="fixed", mean=args.pooling), keys=tuple(keys),
+                          seed=2, **META_FIT)
+    meta = [b.sparse for b in generate(cfg)]
+    return {"zipf1.05": zipf, "meta2021-fit": meta}
+
+
+def profile(batches: list[SparseFeatures]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([b.table(k)[0] for b in batches]) for k in batches[0].keys}
+
+
+def run_stage(tier, batches, prefetcher=None, lookahead=2):
+    """Pool every batch; returns per-batch latencies (s) and the total wall time."""
+    lat = []
+    t0 = time.perf_counter()
+    for i, b in enumerate(batches):
+        if prefetcher is not None:
+            for nxt in batches[i + 1:i + 1 + lookahead]:
+                prefetcher.submit(nxt)
+        t = time.perf_counter()
+        tier.pool(b)
+        lat.append(time.perf_counter() - t)
+    return lat, time.perf_counter() - t0
+
+
+def cached_ssd(info, args, fraction, policy="lru"):
+    cold = SsdTier(info, TierConfig(kind=TierKind.SSD, io_threads=args.io_threads,
+                                    direct_io=not args.page_cache))
+    return CachedTier(cold, CacheConfig(policy=policy, capacity_fraction=fraction))
+
+
+def part1(info, dram, trs, args) -> None:
+    print("\n## 1. embedding-stage throughput, cache over cold SSD vs all-DRAM")
+    print(f"{'trace':<14} {'cache':>6} {'hit%':>6} {'DRAM lk/s':>12} {'cached lk/s':>12} "
+          f"{'ratio':>6}  goal")
+    for name, batches in trs.items():
+        warm, run = batches[:args.warm_batches], batches[args.warm_batches:]
+        nlook = sum(b.values.size for b in run)
+        _, t_dram = run_stage(dram, run)
+        for frac in (0.02, 0.05, 0.10):
+            with cached_ssd(info, args, frac) as tier:
+                tier.warm(profile(warm))
+                tier.cold.drop_page_cache()
+                tier.stats.reset()
+                with Prefetcher(tier, PrefetchConfig(lookahead=2)) as pf:
+                    _, t = run_stage(tier, run, pf)
+                hr = tier.stats.total().hit_rate
+            ratio = t_dram / t
+            goal = ("ok" if ratio >= 0.8 else "MISSED (>= 0.8x)") if frac == 0.10 else ""
+            print(f"{name:<14} {frac:>6.0%} {hr:>6.1%} {nlook / t_dram:>12,.0f} "
+                  f"{nlook / t:>12,.0f} {ratio:>6.2f}  {goal}")
+
+
+def part2(info, trs, args, raw_rate) -> None:
+    print("\n## 2. prefetch on vs off (cold SSD, 5% cache, LRU)")
+    batches = trs["zipf1.05"]
+    warm, run = batches[:args.warm_batches], batches[args.warm_batches:]
+    res = {}
+    for on in (False, True):
+        with cached_ssd(info, args, 0.05) as tier:
+            tier.warm(profile(warm))
+            tier.cold.drop_page_cache()
+            tier.stats.reset()
+            if on:
+                with Prefetcher(tier, PrefetchConfig(lookahead=2)) as pf:
+                    lat, wall = run_stage(tier, run, pf)
+                c = tier.prefetch_counters
+            else:
+                lat, wall = run_stage(tier, run)
+                c = None
+            tot = tier.stats.total()
+        res[on] = lat
+        rate = tot.read_ops / tot.read_seconds if tot.read_seconds else 0.0
+        extra = (f"; prefetch issued {c.issued:,} useful {c.useful:,} late {c.late:,} "
+                 f"wasted {c.wasted:,}") if c else ""
+        print(f"prefetch {'on ' if on else 'off'}: p50 {np.percentile(lat, 50) * 1e3:7.2f} ms  "
+              f"p99 {np.percentile(lat, 99) * 1e3:7.2f} ms  demand reads {tot.read_ops:,} at "
+              f"{rate:,.0f}/s ({rate / raw_rate:.0%} of raw){extra}")
+    p99 = np.percentile(res[False], 99) / np.percentile(res[True], 99)
+    print(f"p99 off/on = {p99:.2f}x  ({'ok' if p99 >= 3 else 'MISSED (>= 3x)'})")
+
+
+def part3(info, trs, args) -> None:
+    print("\n## 3. pipeline on vs off: end-to-end DLRM (cold SSD, 10% cache, prefetch)")
+    from runtime.session import InferenceSession
+
+    batches = trs["zipf1.05"]
+    warm, run = batches[:args.warm_batches], batches[args.warm_batches:]
+    cfg = DLRMConfig(num_dense=13, embedding_dim=args.dim, num_tables=args.tables,
+                     bottom_mlp=(512, 256, args.dim), top_mlp=(1024, 512, 256, 1))
+    dense_model = random_dense(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    dense = [rng.random((args.batch_size, 13), dtype=np.float32) for _ in run]
+    out = {}
+    for mode in ("embed-only", "mlp-only", "serial", "pipelined"):
+        with cached_ssd(info, args, 0.10) as tier:
+            tier.warm(profile(warm))
+            tier.cold.drop_page_cache()
+            sess = InferenceSession(dense_model, tier, [f"t{i}" for i in range(args.tables)])
+            sess.prefetcher = Prefetcher(tier, PrefetchConfig(lookahead=2))
+            t0 = time.perf_counter()
+            if mode == "embed-only":
+                for i, b in enumerate(run):
+                    for nxt in run[i + 2:i + 4]:
+                        sess.prefetcher.submit(nxt)
+                    sess.embed(b)
+            elif mode == "mlp-only":
+                pooled = [np.zeros((args.batch_size, args.tables, args.dim), np.float32)
+                          for _ in run]
+                for d, p in zip(dense, pooled, strict=True):
+                    sess._mlp(sess._dense(d), p)
+            else:
+                for _ in sess.predict_stream(zip(dense, run, strict=True),
+                                             pipeline=mode == "pipelined"):
+                    pass
+            out[mode] = time.perf_counter() - t0
+            sess.close()
+    n = len(run) * args.batch_size
+    bound = n / max(out["embed-only"], out["mlp-only"])
+    for k, v in out.items():
+        print(f"{k:<11} {n / v:>10,.0f} samples/s")
+    r = (n / out["pipelined"]) / bound
+    print(f"pipelined / (1 / max(stage time)) = {r:.2f} ({'ok' if r >= 0.9 else 'MISSED (>= 0.9)'});"
+          f" pipelined / serial = {out['serial'] / out['pipelined']:.2f}x")
+
+
+def part4(info, trs, args) -> None:
+    print("\n## 4. hit rate of each policy vs Belady OPT at 5% capacity (distinct rows per batch)")
+    rows = args.rows
+    for name, batches in trs.items():
+        stream = []
+        for b in batches:
+            gids = b.values + np.repeat(np.arange(args.tables, dtype=np.int64) * rows,
+                                        [b.table_range(t)[1] - b.table_range(t)[0]
+                                         for t in range(args.tables)])
+            stream.append(dedupe_first(gids))
+        cap = int(0.05 * rows * args.tables)
+        keys = np.concatenate([u for u, _, _ in stream])
+        opt = belady(keys, cap)
+        opt_rate = opt.hits / opt.accesses
+        line = [f"OPT {opt_rate:.1%}"]
+        best = 0.0
+        for pol in ("lru", "lfu", "fifo", "clock", "s3fifo"):
+            for adm in (None, "tinylfu"):
+                p = make_policy(pol, cap, admission=adm)
+                t0 = time.perf_counter()
+                for u, _, c in stream:
+                    p.access(u, c)
+                dt = time.perf_counter() - t0
+                s = p.stats
+                rate = s.hits / (s.hits + s.misses)
+                best = max(best, rate)
+                label = pol + ("+tinylfu" if adm else "")
+                line.append(f"{label} {rate:.1%} ({keys.size / dt / 1e6:.1f}M/s)")
+        gap = (opt_rate - best) * 100
+        print(f"{name}: " + ", ".join(line))
+        print(f"  best is {gap:.1f} points below OPT ({'ok' if gap <= 5 else 'MISSED (<= 5)'})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=1_000_000, help="rows per table")
+    ap.add_argument("--tables", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--pooling", type=int, default=16)
+    ap.add_argument("--batches", type=int, default=40, help="measured batches")
+    ap.add_argument("--warm-batches", type=int, default=10, help="profile batches (not measured)")
+    ap.add_argument("--io-threads", type=int, default=64)
+    ap.add_argument("--page-cache", action="store_true",
+                    help="read through the OS page cache instead of O_DIRECT")
+    ap.add_argument("--parts", default="1,2,3,4")
+    ap.add_argument("--dir", default="bench-out")
+    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    args = ap.parse_args()
+    if args.quick:
+        args.rows, args.tables, args.batches, args.warm_batches = 50_000, 2, 6, 3
+        args.batch_size, args.pooling = 128, 4
+    parts = {int(p) for p in args.parts.split(",")}
+    print(f"machine: {machine()}")
+    info = build_store(args)
+    print(f"store: {args.tables} tables x {args.rows:,} rows x {args.dim} float32 = "
+          f"{info.nbytes / 2**30:.2f} GiB; batch {args.batch_size} x pooling {args.pooling}; "
+          f"{'page cache' if args.page_cache else 'O_DIRECT'} reads")
+    keys = [t.name for t in info.tables]
+    trs = traces(args, keys)
+    files = [t.weight_chunk(c) for t in info.tables for c in range(t.n_chunks)]
+    raw = raw_random_reads(files, 20_000 if not args.quick else 3_000, args.io_threads, 1,
+                           not args.page_cache)
+    print(f"raw device: {raw:,.0f} random 4 KiB reads/s with {args.io_threads} readers")
+    dram = DramTier(info, TierConfig())
+    for batches in trs.values():  # compile
+        dram.pool(batches[0])
+    if 1 in parts:
+        part1(info, dram, trs, args)
+    dram.close()
+    if 2 in parts:
+        part2(info, trs, args, raw)
+    if 3 in parts:
+        part3(info, trs, args)
+    if 4 in parts:
+        part4(info, trs, args)
+
+
+if __name__ == "__main__":
+    main()

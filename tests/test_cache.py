@@ -1,0 +1,210 @@
+"""The DRAM cache in front of SSD/CXL tiers: exact results, capacity, pins, prefetch, pipeline."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from tiermem import (
+    CapacityError,
+    ConfigError,
+    SparseFeatures,
+    TableSpec,
+    TierConfig,
+    create_random_store,
+    open_tier,
+)
+from tiermem.cache.cache import CacheConfig, CachedTier
+from tiermem.cache.prefetch import PrefetchConfig, Prefetcher
+from traces.synth import synthetic_batches
+
+SPECS = [TableSpec("a", 3000, 8), TableSpec("b", 500, 8), TableSpec("c", 1200, 8),
+         TableSpec("q", 800, 8, "int8"), TableSpec("h", 700, 4, "float16")]
+POLICIES = ["lru", "lfu", "fifo", "clock", "s3fifo", "hybrid", "static"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache") / "s.zarr"
+    return create_random_store(path, SPECS, seed=3, chunk_rows=256)
+
+
+@pytest.fixture(scope="module")
+def dram(store):
+    tier = open_tier(store, TierConfig(kind="dram"))
+    yield tier
+    tier.close()
+
+
+def _batches(n, batch_size=64, pooling=3, alpha=1.1, seed=0):
+    return list(synthetic_batches([s.rows for s in SPECS], batch_size=batch_size, n_batches=n,
+                                  alpha=alpha, pooling=pooling, keys=[s.name for s in SPECS],
+                                  seed=seed))
+
+
+def _profile(batches):
+    return {k: np.concatenate([b.table(k)[0] for b in batches]) for k in batches[0].keys}
+
+
+def _cached(store, policy, kind="ssd", **kw):
+    if not any(k.startswith("capacity") for k in kw):
+        kw["capacity_fraction"] = 0.05
+    cfg = CacheConfig(policy=policy, **kw)
+    cold = open_tier(store, TierConfig(kind=kind, io_threads=8))
+    return CachedTier(cold, cfg)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cached_ssd_equals_dram(store, dram, policy):
+    batches = _batches(12)
+    extra = {"pinned_fraction": 0.5} if policy == "hybrid" else {}
+    with _cached(store, policy, **extra) as tier:
+        if policy in ("hybrid", "static"):
+            tier.pin_hot(_profile(batches[:4]))
+        tier.cold.drop_page_cache()
+        for b in batches:
+            np.testing.assert_array_equal(tier.pool(b), dram.pool(b))
+        tot = tier.stats.total()
+        assert tot.cache_hits > 0 and tot.cache_misses > 0
+        assert tot.rows_read <= tot.cache_misses + tot.lookups
+        st = tier.cache_stats()
+        assert sum(v["resident"] for k, v in st.items() if isinstance(v, dict)
+                   and "resident" in v) <= tier.capacity_rows
+
+
+@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+def test_cxl_behind_cache_equals_dram_and_charges_misses(store, dram, policy):
+    batches = _batches(5)
+    with _cached(store, policy, kind="cxl") as tier:
+        for b in batches:
+            np.testing.assert_array_equal(tier.pool(b), dram.pool(b))
+        assert tier.stats.total().modeled_delay_seconds > 0
+
+
+def test_tiny_cache_and_batch_larger_than_cache_stay_exact(store, dram):
+    # 8-row capacity for the fp32 tables: every batch needs far more rows than fit
+    batches = _batches(4, batch_size=128, pooling=5, alpha=0.3)
+    with _cached(store, "lru", capacity_rows=8) as tier:
+        tier.cold.drop_page_cache()
+        for b in batches:
+            np.testing.assert_array_equal(tier.pool(b), dram.pool(b))
+        assert tier.cache_stats()["float32x8"]["bypassed"] > 0
+
+
+def test_capacity_and_pins_hold_under_churn(store):
+    batches = _batches(30, alpha=0.6)
+    with _cached(store, "hybrid", pinned_fraction=0.5, capacity_rows=120) as tier:
+        tier.pin_hot(_profile(batches[:5]))
+        g = tier._pools[next(iter(tier._pools))]
+        pinned_keys = g.policy.slot_keys()[g.policy.slot_keys() >= 0].copy()
+        assert pinned_keys.size > 0
+        for b in batches:
+            tier.pool(b)
+            keys = g.policy.slot_keys()
+            assert (keys >= 0).sum() <= g.policy.capacity
+            assert np.isin(pinned_keys, keys).all()
+
+
+def test_concurrent_batches_equal_sequential(store, dram):
+    batches = _batches(24, alpha=0.9)
+    expected = [dram.pool(b) for b in batches]
+    with _cached(store, "lru", capacity_rows=200) as tier:
+        results = [None] * len(batches)
+        errors = []
+
+        def work(i):
+            try:
+                results[i] = tier.pool(batches[i])
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors
+        for e, r in zip(expected, results, strict=True):
+            np.testing.assert_array_equal(e, r)
+
+
+def test_prefetch_gives_same_results_and_counts(store, dram):
+    batches = _batches(16, alpha=1.0)
+    with _cached(store, "lru", capacity_fraction=0.2) as tier, \
+            Prefetcher(tier, PrefetchConfig(lookahead=2)) as pf:
+        tier.cold.drop_page_cache()
+        for i, b in enumerate(batches):
+            for nxt in batches[i + 1:i + 3]:
+                pf.submit(nxt)
+            pf.drain(timeout=30)
+            np.testing.assert_array_equal(tier.pool(b), dram.pool(b))
+        c = tier.prefetch_counters
+        assert c.issued > 0 and c.useful > 0
+        assert not pf.errors
+
+
+def test_warm_from_profile_fills_cache(store):
+    batches = _batches(6)
+    with _cached(store, "lfu", capacity_rows=100) as tier:
+        loaded = tier.warm(_profile(batches))
+        assert 0 < loaded <= tier.capacity_rows
+        tier.pool(batches[0])
+        assert tier.stats.total().cache_hits > 0
+
+
+def test_bad_cache_configuration_is_clear(store):
+    with pytest.raises(ConfigError, match="exactly one"):
+        CacheConfig(policy="lru")
+    with pytest.raises(ConfigError, match="capacity_rows"):
+        CacheConfig(policy="lru", capacity_rows=0)
+    with pytest.raises(ConfigError, match="capacity_fraction"):
+        CacheConfig(policy="lru", capacity_fraction=1.5)
+    cold = open_tier(store, TierConfig(kind="ssd"))
+    try:
+        with pytest.raises(ConfigError, match="nosuch"):
+            CachedTier(cold, CacheConfig(policy="nosuch", capacity_rows=10))
+        with pytest.raises(CapacityError, match="exceeds"):
+            CachedTier(cold, CacheConfig(policy="lru", capacity_rows=10**9))
+    finally:
+        cold.close()
+    with pytest.raises(ConfigError, match="cached tier"):
+        Prefetcher(open_tier(store, TierConfig(kind="dram")))
+
+
+def test_pipeline_and_prefetch_equal_serial_predict(tmp_path):
+    from runtime import (
+        DLRMConfig,
+        InferenceSession,
+        RuntimeConfig,
+        random_dense,
+        save_dlrm_checkpoint,
+        store_from_checkpoint,
+    )
+
+    rows = [400, 90, 1500]
+    cfg = DLRMConfig(num_dense=3, embedding_dim=8, num_tables=3, bottom_mlp=(8,),
+                     top_mlp=(8, 1))
+    rng = np.random.default_rng(0)
+    save_dlrm_checkpoint(tmp_path / "m.pt", cfg,
+                         [rng.standard_normal((r, 8)).astype(np.float32) for r in rows],
+                         random_dense(cfg, seed=1))
+    store_from_checkpoint(tmp_path / "m.pt", tmp_path / "m.zarr")
+    names = [f"emb_l.{i}" for i in range(3)]
+    batches = list(synthetic_batches(rows, batch_size=32, n_batches=12, pooling=2, keys=names))
+    dense = [rng.standard_normal((32, 3)).astype(np.float32) for _ in batches]
+    with InferenceSession.open(tmp_path / "m.pt", tmp_path / "m.zarr") as plain:
+        expected = [plain.predict(d, s) for d, s in zip(dense, batches, strict=True)]
+    conf = RuntimeConfig(tier=TierConfig(kind="ssd", io_threads=4),
+                         cache=CacheConfig(policy="s3fifo", capacity_fraction=0.1),
+                         prefetch=PrefetchConfig(lookahead=3))
+    for pipeline in (False, True):
+        with InferenceSession.open(tmp_path / "m.pt", tmp_path / "m.zarr", conf) as sess:
+            got = list(sess.predict_stream(zip(dense, batches, strict=True), pipeline=pipeline))
+            assert sess.tier.prefetch_counters.issued > 0
+        assert len(got) == len(expected)
+        for e, g in zip(expected, got, strict=True):
+            np.testing.assert_array_equal(e, g)
+    with pytest.raises(ConfigError, match="prefetch needs a cache"):
+        RuntimeConfig(prefetch=PrefetchConfig())

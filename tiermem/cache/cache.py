@@ -1,0 +1,464 @@
+"""A DRAM row cache in front of a cold tier (SSD or CXL-emulated).
+
+One slot pool per (dtype, dim) group of tables, shared by those tables;
+rows are keyed by a *global id* (``group_base[table] + row``). Per batch:
+
+1. ids become global ids and are deduplicated (first-occurrence order);
+2. under the lock, the policy resolves them to slots (hits are touched,
+   misses admitted by evicting victims); every slot the batch uses is pinned
+   so no concurrent batch or prefetch can evict it;
+3. outside the lock, missed rows are read from the cold tier straight into
+   their slots; batches that hit a slot still being filled wait for it;
+4. the SLS kernel pools from the slot pool; the pins are released.
+
+Keys the policy refuses (admission filter, or nothing evictable) are read
+into a per-batch staging arena instead (bypass): results stay exact with any
+capacity. All counting happens on vectors; nothing loops per id in Python.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tiermem.cache.policy import CachePolicy, make_policy
+from tiermem.config import PoolingMode, TierConfig
+from tiermem.errors import CapacityError, ConfigError, StoreError
+from tiermem.features import SparseFeatures
+from tiermem.kernels.dedupe import dedupe_first, offset_ids
+from tiermem.quantize import RowDtype
+from tiermem.stats import TableStats
+from tiermem.tiers.base import Tier
+
+__all__ = ["CacheConfig", "CachedTier", "PrefetchCounters"]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Size and policy of the DRAM cache.
+
+    Exactly one of ``capacity_rows``, ``capacity_bytes`` or ``capacity_fraction``
+    (of the cached tables' bytes) sets the size.
+    """
+
+    policy: str = "lru"
+    """lru, lfu, fifo, clock, s3fifo, static or hybrid."""
+    capacity_rows: int | None = None
+    capacity_bytes: int | None = None
+    capacity_fraction: float | None = None
+    admission: str | None = None
+    """None, or "tinylfu" (frequency-sketch admission filter)."""
+    dynamic: str = "lru"
+    """hybrid: the policy for the rows that are not pinned."""
+    pinned_fraction: float = 0.0
+    """hybrid/static: share of the capacity reserved for the hottest rows."""
+    lfu_aging_period: int = 0
+
+    def __post_init__(self) -> None:
+        given = [v for v in (self.capacity_rows, self.capacity_bytes, self.capacity_fraction)
+                 if v is not None]
+        if len(given) != 1:
+            raise ConfigError("CacheConfig: give exactly one of capacity_rows, capacity_bytes, "
+                              "capacity_fraction")
+        if self.capacity_rows is not None and (
+                isinstance(self.capacity_rows, bool) or not isinstance(self.capacity_rows, int)
+                or self.capacity_rows < 1):
+            raise ConfigError(f"CacheConfig.capacity_rows must be >= 1, got {self.capacity_rows!r}")
+        if self.capacity_bytes is not None and (
+                not isinstance(self.capacity_bytes, int) or self.capacity_bytes < 1):
+            raise ConfigError(f"CacheConfig.capacity_bytes must be >= 1, got "
+                              f"{self.capacity_bytes!r}")
+        if self.capacity_fraction is not None and not 0 < self.capacity_fraction <= 1:
+            raise ConfigError(f"CacheConfig.capacity_fraction must be in (0, 1], got "
+                              f"{self.capacity_fraction!r}")
+        if not 0 <= self.pinned_fraction <= 1:
+            raise ConfigError(f"CacheConfig.pinned_fraction must be in [0, 1], got "
+                              f"{self.pinned_fraction!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PrefetchCounters:
+    """What the prefetcher did; see :mod:`tiermem.cache.prefetch`."""
+
+    issued: int = 0
+    """rows the prefetcher admitted and read."""
+    useful: int = 0
+    """prefetched rows hit by a batch before eviction."""
+    late: int = 0
+    """rows a batch needed while their prefetch was still reading (it waited)."""
+    wasted: int = 0
+    """prefetched rows evicted without ever being hit."""
+    dropped: int = 0
+    """rows the cache refused to prefetch (admission filter, or nothing evictable)."""
+
+
+@dataclass
+class _Group:
+    """One slot pool: the tables of one (dtype, dim)."""
+
+    dtype: RowDtype
+    dim: int
+    tables: list[int]
+    base: np.ndarray  # global-id base per store table index (-1: not in group)
+    policy: CachePolicy
+    pool: np.ndarray
+    qpool: np.ndarray | None
+    ready: np.ndarray  # bool per slot: row present (False while being filled)
+    prefetched: np.ndarray  # bool per slot: filled by the prefetcher, not yet hit
+    prefetching: np.ndarray  # bool per slot: the prefetcher is reading it now
+    key_table: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+class CachedTier(Tier):
+    """A cold tier behind a DRAM cache of rows; pools exactly like the cold tier."""
+
+    def __init__(self, cold: Tier, cache: CacheConfig, *, config: TierConfig | None = None,
+                 hot_profile: dict[str, np.ndarray] | None = None) -> None:
+        self.kind = cold.kind  # type: ignore[misc]
+        super().__init__(cold.store, config or cold.config)
+        self.cold = cold
+        self.cache_config = cache
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self.prefetch_counters = PrefetchCounters()
+        self._pools: dict[tuple[RowDtype, int], _Group] = {}
+        self._group_of: list[tuple[RowDtype, int]] = []
+        members: dict[tuple[RowDtype, int], list[int]] = {}
+        for i in range(len(self.tables)):
+            members.setdefault(self.group_key(i), []).append(i)
+            self._group_of.append(self.group_key(i))
+        total_bytes = sum(self._row_bytes(i) * t.spec.rows for i, t in enumerate(self.tables))
+        for key, tids in members.items():
+            rows = sum(self.tables[i].spec.rows for i in tids)
+            row_bytes = self._row_bytes(tids[0])
+            cap = self._capacity(cache, rows, row_bytes, total_bytes)
+            base = np.full(len(self.tables), -1, np.int64)
+            key_table = np.zeros(len(tids) + 1, np.int64)
+            acc = 0
+            for j, i in enumerate(tids):
+                base[i] = acc
+                acc += self.tables[i].spec.rows
+                key_table[j + 1] = acc
+            policy = self._make_policy(cache, cap)
+            dtype, dim = key
+            self._pools[key] = _Group(
+                dtype=dtype, dim=dim, tables=tids, base=base, policy=policy,
+                pool=np.zeros((cap, dim), dtype.numpy),
+                qpool=np.zeros((cap, 2), np.float32) if dtype.quantized else None,
+                ready=np.ones(cap, bool), prefetched=np.zeros(cap, bool),
+                prefetching=np.zeros(cap, bool), key_table=key_table)
+        if hot_profile is not None:
+            self.pin_hot(hot_profile)
+
+    # -- construction helpers -------------------------------------------------
+    def _row_bytes(self, i: int) -> int:
+        s = self.tables[i].spec
+        return s.row_bytes + (8 if s.dtype.quantized else 0)
+
+    @staticmethod
+    def _capacity(cache: CacheConfig, rows: int, row_bytes: int, total_bytes: int) -> int:
+        share = rows * row_bytes / max(total_bytes, 1)  # this group's part of the cache
+        if cache.capacity_rows is not None:
+            cap = cache.capacity_rows if share >= 1 else max(1, round(cache.capacity_rows * share))
+        elif cache.capacity_bytes is not None:
+            cap = int(cache.capacity_bytes * share) // row_bytes
+        else:
+            assert cache.capacity_fraction is not None
+            cap = max(1, int(rows * cache.capacity_fraction))
+        if cap > rows:
+            raise CapacityError(f"cache capacity {cap} rows exceeds the {rows} rows it caches; "
+                                "use a smaller capacity (or the DRAM tier)")
+        if cap < 1:
+            raise CapacityError(f"cache capacity rounds to {cap} rows for tables of {row_bytes} "
+                                "bytes per row: give a larger capacity")
+        return int(cap)
+
+    @staticmethod
+    def _make_policy(cache: CacheConfig, cap: int) -> CachePolicy:
+        kwargs: dict[str, Any] = {"admission": cache.admission,
+                                  "lfu_aging_period": cache.lfu_aging_period}
+        if cache.policy == "hybrid":
+            kwargs["dynamic"] = cache.dynamic
+        return make_policy(cache.policy, cap, **kwargs)
+
+    # -- introspection ------------------------------------------------------
+    @property
+    def capacity_rows(self) -> int:
+        return sum(g.policy.capacity for g in self._pools.values())
+
+    @property
+    def nbytes(self) -> int:
+        """DRAM held by the slot pools."""
+        return sum(g.pool.nbytes + (0 if g.qpool is None else g.qpool.nbytes)
+                   for g in self._pools.values())
+
+    def cache_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"capacity_rows": self.capacity_rows,
+                               "prefetch": asdict(self.prefetch_counters)}
+        for key, g in self._pools.items():
+            out[f"{key[0].value}x{key[1]}"] = {"policy": g.policy.name,
+                                               "resident": len(g.policy),
+                                               **asdict(g.policy.stats)}
+        return out
+
+    # -- global ids ---------------------------------------------------------------
+    def global_ids(self, features: SparseFeatures) -> dict[tuple[RowDtype, int], np.ndarray]:
+        """The batch's ids as global ids per group (validated features assumed)."""
+        out = {}
+        for key, g in self._pools.items():
+            keys = [k for k in features.keys if self.table_index(k) in g.tables]
+            if not keys:
+                continue
+            sub = features if len(keys) == len(features.keys) else features.select(keys)
+            base = g.base[[self.table_index(k) for k in sub.keys]]
+            out[key] = offset_ids(sub.values, sub.offsets, sub.batch_size, base)
+        return out
+
+    def _split_by_table(self, g: _Group, gids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """``(table index, positions in gids, table rows)`` for each table present."""
+        which = np.searchsorted(g.key_table, gids, side="right") - 1
+        out = []
+        for j in np.unique(which):
+            pos = np.flatnonzero(which == j)
+            i = g.tables[int(j)]
+            out.append((i, pos, gids[pos] - g.base[i]))
+        return out
+
+    def _read_into(self, g: _Group, gids: np.ndarray, w: np.ndarray, q: np.ndarray | None,
+                   stats: dict[str, TableStats] | None) -> None:
+        """Read rows of distinct ``gids`` from the cold tier into ``w[k]``/``q[k]``.
+
+        All tables' rows go to the cold tier in one request, sorted per table,
+        so the SSD tier keeps its reads in flight together.
+        """
+        requests, places = [], []
+        for i, pos, rows in self._split_by_table(g, gids):
+            order = np.argsort(rows, kind="stable")
+            spec = self.tables[i].spec
+            tw = np.empty((pos.size, spec.dim), spec.dtype.numpy)
+            tq = np.empty((pos.size, 2), np.float32) if q is not None else None
+            requests.append((i, rows[order], tw, tq))
+            places.append((i, pos[order]))
+            if stats is not None:
+                stats[spec.name].rows_read += pos.size
+        self.cold.read_many(requests, stats)
+        for (_, _, tw, tq), (_, pos) in zip(requests, places, strict=True):
+            w[pos] = tw
+            if q is not None and tq is not None:
+                q[pos] = tq
+
+    # -- the batch path ---------------------------------------------------------
+    def _pool_group(self, features: SparseFeatures, tids: list[int], col_base: np.ndarray,
+                    mode: PoolingMode, out: np.ndarray, stats: dict[str, TableStats]) -> None:
+        g = self._pools[self._group_of[tids[0]]]
+        gids = offset_ids(features.values, features.offsets, features.batch_size, g.base[tids])
+        uniq, inverse, counts = dedupe_first(gids)
+        with self._lock:
+            res = g.policy.access(uniq, counts)
+            slots = res.slots
+            held = slots[slots >= 0]
+            g.policy.pin(held)
+            self._note_evictions(g, res.evicted_slots)
+            fill = (~res.hit) & (slots >= 0)
+            fill_slots = slots[fill]
+            g.ready[fill_slots] = False
+            prefetched_hits = res.hit & (slots >= 0)
+            ph = slots[prefetched_hits]
+            useful = int(g.prefetched[ph].sum())
+            g.prefetched[ph] = False
+            self.prefetch_counters.useful += useful
+        try:
+            self._count(g, uniq, counts, res.hit, stats)
+            if fill_slots.size:
+                try:
+                    self._fill(g, uniq[fill], fill_slots, stats)
+                except BaseException:
+                    with self._cond:
+                        g.policy.remove(uniq[fill])
+                        g.ready[fill_slots] = True
+                        self._cond.notify_all()
+                    raise
+            cached = slots >= 0
+            waiting = cached.copy()
+            waiting[cached] = ~g.ready[slots[cached]]
+            if waiting.any():
+                wslots, wkeys = slots[waiting], uniq[waiting]
+                with self._cond:
+                    self.prefetch_counters.late += int(g.prefetching[wslots].sum())
+                    if not self._cond.wait_for(lambda: bool(g.ready[wslots].all()), timeout=60):
+                        raise StoreError("timed out waiting for rows another batch is reading")
+                    if (g.policy.slot_keys()[wslots] != wkeys).any():
+                        raise StoreError("another batch failed to read rows this batch needs")
+            bypass = slots < 0
+            if bypass.any():
+                # stage every distinct row of the batch: cached ones copied from the pool
+                W = np.empty((uniq.size, g.dim), g.dtype.numpy)
+                Q = np.empty((uniq.size, 2), np.float32) if g.qpool is not None else None
+                W[cached] = g.pool[slots[cached]]
+                if Q is not None and g.qpool is not None:
+                    Q[cached] = g.qpool[slots[cached]]
+                bw = np.empty((int(bypass.sum()), g.dim), g.dtype.numpy)
+                bq = np.empty((bw.shape[0], 2), np.float32) if Q is not None else None
+                self._read_into(g, uniq[bypass], bw, bq, stats)
+                W[bypass] = bw
+                if Q is not None and bq is not None:
+                    Q[bypass] = bq
+                self._run_kernel(W, Q, inverse, features, np.zeros(len(tids), np.int64),
+                                 col_base, mode, out)
+            else:
+                lookup_slots = slots.astype(np.int64)[inverse]
+                self._run_kernel(g.pool, g.qpool, lookup_slots, features,
+                                 np.zeros(len(tids), np.int64), col_base, mode, out)
+        finally:
+            with self._lock:
+                g.policy.unpin(held)
+
+    def _fill(self, g: _Group, keys: np.ndarray, slots: np.ndarray,
+              stats: dict[str, TableStats] | None) -> None:
+        w = np.empty((keys.size, g.dim), g.dtype.numpy)
+        q = np.empty((keys.size, 2), np.float32) if g.qpool is not None else None
+        self._read_into(g, keys, w, q, stats)
+        with self._cond:
+            g.pool[slots] = w
+            if q is not None and g.qpool is not None:
+                g.qpool[slots] = q
+            g.ready[slots] = True
+            g.prefetched[slots] = False
+            self._cond.notify_all()
+
+    def _note_evictions(self, g: _Group, evicted_slots: np.ndarray) -> None:
+        if evicted_slots.size:
+            wasted = int(g.prefetched[evicted_slots].sum())
+            g.prefetched[evicted_slots] = False
+            self.prefetch_counters.wasted += wasted
+
+    def _count(self, g: _Group, uniq: np.ndarray, counts: np.ndarray, hit: np.ndarray,
+               stats: dict[str, TableStats]) -> None:
+        for i, pos, _ in self._split_by_table(g, uniq):
+            st = stats[self.tables[i].name]
+            st.cache_hits += int(hit[pos].sum())
+            st.cache_misses += int((~hit[pos]).sum())
+            st.hit_lookups += int(counts[pos][hit[pos]].sum())
+
+    # -- prefetch and warm-up -------------------------------------------------------
+    def read_group_rows(self, key: tuple[RowDtype, int], gids: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Read rows of global ids from the cold tier (no cache change)."""
+        g = self._pools[key]
+        w = np.empty((gids.size, g.dim), g.dtype.numpy)
+        q = np.empty((gids.size, 2), np.float32) if g.qpool is not None else None
+        self._read_into(g, gids, w, q, None)
+        return w, q
+
+    def prefetch_rows(self, key: tuple[RowDtype, int], gids: np.ndarray) -> int:
+        """Admit distinct global ids ahead of need and read their rows (prefetcher).
+
+        Slots are reserved under the lock first (not ready, pinned), then
+        filled outside it: a batch that needs one of them meanwhile waits for
+        the read instead of issuing its own (counted as late). Keys already
+        resident are left alone. Returns the rows read.
+        """
+        g = self._pools[key]
+        with self._cond:
+            res = g.policy.insert(gids)
+            self._note_evictions(g, res.evicted_slots)
+            new = (~res.hit) & (res.slots >= 0)
+            slots, keys = res.slots[new], gids[new]
+            g.policy.pin(slots)
+            g.ready[slots] = False
+            g.prefetching[slots] = True
+            c = self.prefetch_counters
+            c.issued += int(keys.size)
+            c.dropped += int((res.slots < 0).sum())
+        try:
+            w = np.empty((keys.size, g.dim), g.dtype.numpy)
+            q = np.empty((keys.size, 2), np.float32) if g.qpool is not None else None
+            if keys.size:
+                self._read_into(g, keys, w, q, None)
+            with self._cond:
+                g.pool[slots] = w
+                if q is not None and g.qpool is not None:
+                    g.qpool[slots] = q
+                g.prefetched[slots] = True
+        except BaseException:
+            with self._cond:
+                g.policy.remove(keys)
+            raise
+        finally:
+            with self._cond:
+                g.ready[slots] = True
+                g.prefetching[slots] = False
+                g.policy.unpin(slots)
+                self._cond.notify_all()
+        return int(keys.size)
+
+    def _offer(self, key: tuple[RowDtype, int], gids: np.ndarray, w: np.ndarray,
+               q: np.ndarray | None) -> int:
+        """Insert rows already read (warm-up); returns rows accepted."""
+        g = self._pools[key]
+        with self._cond:
+            res = g.policy.insert(gids)
+            self._note_evictions(g, res.evicted_slots)
+            new = (~res.hit) & (res.slots >= 0)
+            s = res.slots[new]
+            g.pool[s] = w[new]
+            if q is not None and g.qpool is not None:
+                g.qpool[s] = q[new]
+            g.ready[s] = True
+            return int(new.sum())
+
+    def warm(self, profile: dict[str, np.ndarray]) -> int:
+        """Fill the cache with the most accessed rows of a profile (table -> ids seen).
+
+        Rows are offered hottest first until the capacity is used; returns
+        how many rows were loaded.
+        """
+        from tiermem.cache.policy import hot_keys
+
+        loaded = 0
+        for key, g in self._pools.items():
+            streams = [np.asarray(profile[self.tables[i].name], np.int64) + g.base[i]
+                       for i in g.tables if self.tables[i].name in profile]
+            if not streams:
+                continue
+            hot = hot_keys(np.concatenate(streams), g.policy.capacity)
+            w, q = self.read_group_rows(key, hot)
+            loaded += self._offer(key, hot, w, q)
+        return loaded
+
+    def pin_hot(self, profile: dict[str, np.ndarray]) -> int:
+        """Static popularity pinning: pin the hottest rows up to the pinned budget."""
+        from tiermem.cache.policy import hot_keys
+
+        pinned = 0
+        for key, g in self._pools.items():
+            budget = int(g.policy.capacity * (self.cache_config.pinned_fraction
+                                              if self.cache_config.policy == "hybrid" else 1.0))
+            streams = [np.asarray(profile[self.tables[i].name], np.int64) + g.base[i]
+                       for i in g.tables if self.tables[i].name in profile]
+            if budget < 1 or not streams:
+                continue
+            hot = hot_keys(np.concatenate(streams), budget)
+            w, q = self.read_group_rows(key, hot)
+            with self._cond:
+                s = g.policy.pin_static(hot)
+                g.pool[s] = w
+                if q is not None and g.qpool is not None:
+                    g.qpool[s] = q
+                g.ready[s] = True
+            pinned += hot.size
+        return pinned
+
+    def _read_rows(self, i: int, rows: np.ndarray, w_out: np.ndarray,
+                   q_out: np.ndarray | None) -> None:
+        self.cold._read_rows(i, rows, w_out, q_out)
+
+    def close(self) -> None:
+        super().close()
+        self.cold.close()

@@ -5,6 +5,7 @@
     tiermem info STORE                 tables, sizes, dtypes of a store
     tiermem predict --model --store --batch --out
     tiermem trace-stats / trace-generate / trace-convert   (see traces/cli.py)
+    tiermem replay / tune                                  (see traces/replay_cli.py)
 """
 
 from __future__ import annotations
@@ -139,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tier_args(p)
 
     from traces.cli import add_trace_commands
+    from traces.replay_cli import add_replay_commands
 
     add_trace_commands(sub)
+    add_replay_commands(sub)
     return ap
 
 
@@ -208,10 +211,11 @@ _COMMANDS = {"demo": _cmd_demo, "create-store": _cmd_create_store, "info": _cmd_
 
 def main(argv: Sequence[str] | None = None) -> int:
     from traces.cli import TRACE_COMMANDS
+    from traces.replay_cli import REPLAY_COMMANDS
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {**_COMMANDS, **TRACE_COMMANDS}
+    commands = {**_COMMANDS, **TRACE_COMMANDS, **REPLAY_COMMANDS}
     try:
         return commands[args.command](args)
     except TierMemError as e:

@@ -1,13 +1,22 @@
-"""LLVM intrinsics exposed to Numba: software prefetch and half->float."""
+"""LLVM intrinsics exposed to Numba: software prefetch, half->float, fixed-width vectors.
+
+The pooling kernels keep a pooled row in an ``F32Vec(D)`` (an LLVM ``<D x float>``
+value: registers, not memory) when ``D`` is known at compile time; the width reaches
+a kernel as a ``Width`` object (Numba type ``WidthTag(D)``). None of these check
+bounds: callers pass validated rows.
+"""
 
 from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.core.datamodel import models
+from numba.extending import NativeValue, intrinsic, register_model, typeof_impl, unbox
 
 _I32 = ir.IntType(32)
+#: llvm.prefetch locality: 3 = keep in all cache levels (prefetcht0); 0-2 measured no better
+_PF_LOCALITY = 3
 
 
 @intrinsic
@@ -48,3 +57,314 @@ def half_to_float(typingctx, bits):  # type: ignore[no-untyped-def]
         return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
 
     return types.float32(bits), codegen
+
+
+@intrinsic
+def prefetch_bytes(typingctx, arr, row, byte_off):  # type: ignore[no-untyped-def]
+    """Prefetch the byte at ``&arr[row, 0] + byte_off`` (any C-contiguous 2-D array).
+
+    Lets a kernel prefetch every 64-byte line a row spans, whatever the
+    arena's alignment (``byte_off`` may be negative or past the row: a prefetch
+    never faults).
+    """
+    if not isinstance(arr, types.Array) or arr.ndim != 2:
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        aty = sig.args[0]
+        ary = context.make_array(aty)(context, builder, args[0])
+        zero = context.get_constant(types.intp, 0)
+        row = context.cast(builder, args[1], sig.args[1], types.intp)
+        off = context.cast(builder, args[2], sig.args[2], types.intp)
+        ptr = cgutils.get_item_pointer(
+            context, builder, aty, ary, [row, zero], wraparound=False, boundscheck=False
+        )
+        i8p = ir.IntType(8).as_pointer()
+        bptr = builder.gep(builder.bitcast(ptr, i8p), [off], inbounds=False)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [bptr, ir.Constant(_I32, 0), ir.Constant(_I32, _PF_LOCALITY),
+                          ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, row, byte_off), codegen
+
+
+# --- fixed-width float32 vectors ---------------------------------------------------------
+#
+# ``F32Vec(n)`` is an LLVM ``<n x float>`` value held in a Numba local: a pooled
+# row of a width known at compile time lives in registers (LLVM splits it into
+# 8-lane AVX registers) instead of in an array in memory. Only the few
+# operations below exist; widths come in as integer literals.
+
+
+
+class F32Vec(types.Type):
+    """``<count x float>`` (compile-time width)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = int(count)
+        super().__init__(name=f"F32Vec({self.count})")
+
+
+@register_model(F32Vec)
+class _F32VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):  # type: ignore[no-untyped-def]
+        super().__init__(dmm, fe_type, ir.VectorType(ir.FloatType(), fe_type.count))
+
+
+class WidthTag(types.Type):
+    """A compile-time width carried by a value's type (a one-byte dummy at run time).
+
+    Unlike an integer literal, it survives being passed into a parfor (prange) body.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = int(count)
+        super().__init__(name=f"WidthTag({self.count})")
+
+
+@register_model(WidthTag)
+class _WidthTagModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):  # type: ignore[no-untyped-def]
+        super().__init__(dmm, fe_type, ir.IntType(8))
+
+
+def _literal_width(n):  # type: ignore[no-untyped-def]
+    """Width from an integer literal, a ``WidthTag`` or an ``F32Vec``."""
+    if isinstance(n, (F32Vec, WidthTag)):
+        return n.count
+    if isinstance(n, types.IntegerLiteral) and n.literal_value > 0:
+        return int(n.literal_value)
+    return None
+
+
+def _splat(builder, value, count):  # type: ignore[no-untyped-def]
+    vty = ir.VectorType(ir.FloatType(), count)
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, count), [0] * count))
+
+
+@intrinsic
+def vzero(typingctx, n):  # type: ignore[no-untyped-def]
+    """A zero ``F32Vec(n)`` (``n`` an integer literal or a ``WidthTag``)."""
+    count = _literal_width(n)
+    if count is None:
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return ir.Constant(ir.VectorType(ir.FloatType(), count), [0.0] * count)
+
+    return F32Vec(count)(n), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):  # type: ignore[no-untyped-def]
+    """``a + b`` lane by lane."""
+    if not (isinstance(a, F32Vec) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return builder.fadd(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def vscale(typingctx, a, s):  # type: ignore[no-untyped-def]
+    """``a * s`` (``s`` a float32 scalar), lane by lane."""
+    if not (isinstance(a, F32Vec) and isinstance(s, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        sv = context.cast(builder, args[1], sig.args[1], types.float32)
+        return builder.fmul(args[0], _splat(builder, sv, sig.args[0].count))
+
+    return a(a, s), codegen
+
+
+def _row_ptr(context, builder, aty, ary_val, row, rowty, col, colty):  # type: ignore[no-untyped-def]
+    ary = context.make_array(aty)(context, builder, ary_val)
+    r = context.cast(builder, row, rowty, types.intp)
+    c = context.cast(builder, col, colty, types.intp)
+    return cgutils.get_item_pointer(context, builder, aty, ary, [r, c], wraparound=False,
+                                    boundscheck=False)
+
+
+@intrinsic
+def vload_row(typingctx, arr, row, n):  # type: ignore[no-untyped-def]
+    """``arr[row, 0:n]`` as ``F32Vec(n)``: float32 as is, uint16 as IEEE half bits.
+
+    No bounds or wraparound checks: the caller guarantees ``0 <= row < arr.shape[0]``,
+    ``n <= arr.shape[1]`` and that each row is contiguous (C-contiguous array, or any
+    row stride with the elements of a row adjacent).
+    """
+    count = _literal_width(n)
+    if count is None or not isinstance(arr, types.Array) or arr.ndim != 2 or arr.layout == "F":
+        return None
+    kind = str(arr.dtype)
+    if kind not in ("float32", "uint16"):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        zero = context.get_constant(types.intp, 0)
+        ptr = _row_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], zero,
+                       types.intp)
+        if kind == "float32":
+            vty = ir.VectorType(ir.FloatType(), count)
+            v = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4)
+            return v
+        vty = ir.VectorType(ir.HalfType(), count)
+        v = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=2)
+        return builder.fpext(v, ir.VectorType(ir.FloatType(), count))
+
+    return F32Vec(count)(arr, row, n), codegen
+
+
+@intrinsic
+def vstore_row(typingctx, arr, row, col, v):  # type: ignore[no-untyped-def]
+    """``arr[row, col:col + n] = v`` for a float32 C-contiguous 2-D ``arr`` (no checks)."""
+    if not (isinstance(v, F32Vec) and isinstance(arr, types.Array) and arr.ndim == 2
+            and arr.layout == "C" and str(arr.dtype) == "float32"):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        ptr = _row_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], args[2],
+                       sig.args[2])
+        vty = ir.VectorType(ir.FloatType(), sig.args[3].count)
+        builder.store(args[3], builder.bitcast(ptr, vty.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(arr, row, col, v), codegen
+
+
+@intrinsic
+def data_address(typingctx, arr):  # type: ignore[no-untyped-def]
+    """The address of ``arr``'s first element, as an integer (for alignment tests)."""
+    if not isinstance(arr, types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        return builder.ptrtoint(ary.data, context.get_value_type(types.intp))
+
+    return types.intp(arr), codegen
+
+
+class Width:
+    """A row width passed from Python to a kernel as a compile-time constant.
+
+    Its Numba type is ``WidthTag(n)``: a kernel taking one is compiled (and cached)
+    once per width, without the per-call cost of ``numba.literally``.
+    """
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = int(n)
+
+    def __repr__(self) -> str:
+        return f"Width({self.n})"
+
+
+@typeof_impl.register(Width)
+def _typeof_width(val, c):  # type: ignore[no-untyped-def]
+    return WidthTag(val.n)
+
+
+@unbox(WidthTag)
+def _unbox_width(typ, obj, c):  # type: ignore[no-untyped-def]
+    return NativeValue(ir.Constant(ir.IntType(8), 0))
+
+
+@intrinsic
+def atomic_fetch_add(typingctx, arr, idx, val):  # type: ignore[no-untyped-def]
+    """``old = arr[idx]; arr[idx] += val`` atomically (int64 array); returns ``old``.
+
+    Lets the threads of a parallel kernel hand out work dynamically.
+    """
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.dtype == types.int64
+            and isinstance(idx, types.Integer) and isinstance(val, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        aty = sig.args[0]
+        ary = context.make_array(aty)(context, builder, args[0])
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, aty, ary, [i], wraparound=False,
+                                       boundscheck=False)
+        v = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, v, "seq_cst")
+
+    return types.int64(arr, idx, val), codegen
+
+
+@intrinsic
+def vfma(typingctx, acc, x, s):  # type: ignore[no-untyped-def]
+    """``acc + x * s`` lane by lane, with one rounding (``llvm.fma``; FMA3 on x86)."""
+    if not (isinstance(acc, F32Vec) and acc == x and isinstance(s, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        vty = ir.VectorType(ir.FloatType(), sig.args[0].count)
+        sv = _splat(builder, context.cast(builder, args[2], sig.args[2], types.float32),
+                    sig.args[0].count)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                            f"llvm.fma.v{sig.args[0].count}f32")
+        return builder.call(fn, [args[1], sv, args[0]])
+
+    return acc(acc, x, s), codegen
+
+
+@intrinsic
+def vadd_scalar(typingctx, a, s):  # type: ignore[no-untyped-def]
+    """``a + s`` (``s`` a float32 scalar) lane by lane."""
+    if not (isinstance(a, F32Vec) and isinstance(s, types.Float)):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        sv = context.cast(builder, args[1], sig.args[1], types.float32)
+        return builder.fadd(args[0], _splat(builder, sv, sig.args[0].count))
+
+    return a(a, s), codegen
+
+
+@intrinsic
+def vload_row_i8(typingctx, arr, row, n):  # type: ignore[no-untyped-def]
+    """int8 ``arr[row, 0:n]`` converted to float (no scale/bias), no checks."""
+    count = _literal_width(n)
+    if count is None or not isinstance(arr, types.Array) or arr.ndim != 2 or arr.layout == "F":
+        return None
+    if str(arr.dtype) != "int8":
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        zero = context.get_constant(types.intp, 0)
+        ptr = _row_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], zero,
+                       types.intp)
+        qty = ir.VectorType(ir.IntType(8), count)
+        q = builder.load(builder.bitcast(ptr, qty.as_pointer()), align=1)
+        return builder.sitofp(q, ir.VectorType(ir.FloatType(), count))
+
+    return F32Vec(count)(arr, row, n), codegen
+
+
+@intrinsic
+def load_pair(typingctx, arr, row):  # type: ignore[no-untyped-def]
+    """``(arr[row, 0], arr[row, 1])`` of a 2-D float32 array, no bounds/wraparound checks."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.dtype == types.float32
+            and isinstance(row, types.Integer)):
+        return None
+    tup = types.UniTuple(types.float32, 2)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        aty = sig.args[0]
+        zero = context.get_constant(types.intp, 0)
+        one = context.get_constant(types.intp, 1)
+        p0 = _row_ptr(context, builder, aty, args[0], args[1], sig.args[1], zero, types.intp)
+        p1 = _row_ptr(context, builder, aty, args[0], args[1], sig.args[1], one, types.intp)
+        vals = [builder.load(p0, align=4), builder.load(p1, align=4)]
+        return context.make_tuple(builder, tup, vals)
+
+    return tup(arr, row), codegen

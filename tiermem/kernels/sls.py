@@ -15,125 +15,504 @@ Pooled rows are written to ``out[b, col_base[t] : col_base[t] + D]``.
 The same kernel serves every tier and the cache: the DRAM tier passes the
 table arena and table-local ids, the SSD tier a staging arena of rows it read
 and their positions, a cache its slot pool and the slots.
+
+How the kernels are built (see bench/bench_sls.py for the figures):
+
+- widths ``D % 4 == 0`` up to 512 get a kernel compiled for that width (passed as a
+  ``Width`` object, one cached specialisation per width): the pooled row is an
+  LLVM ``<D x float>`` value kept in registers, each lookup is D/8 AVX2 adds (fp16:
+  ``vcvtph2ps``; int8: sign-extend, convert, one FMA by the row's scale, the biases
+  summed apart); other widths use a run-time-width loop over a scratch row;
+- every 64-byte line of the row ``prefetch_distance`` lookups ahead is prefetched
+  (plus the (scale, bias) line for int8), across bag boundaries; the prefetches are
+  written inline (a helper taking the arrays costs NRT incref/decref per lookup);
+- bags are cut into ``4 x threads`` chunks of equal work (lookups + bags), which the
+  threads take from an atomic counter; each chunk runs table by table, so the row
+  base of a table is a loop constant; batches under 2048 lookups + bags run on the
+  calling thread alone;
+- float32 sums in id order (bit-equal to torch.nn.EmbeddingBag(sum) for float32
+  rows); weighted sums and int8 rows use FMA (within float32 rounding of it).
 """
 
 from __future__ import annotations
 
+__all__ = ["gather_touch", "pool_arena", "sparse_lengths_sum"]
+
+import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
 from numba.extending import overload
 
+from tiermem.errors import InvalidBatchError
 from tiermem.kernels._flags import PARALLEL, SERIAL
-from tiermem.kernels._intrinsics import half_to_float, prefetch_row
+from tiermem.kernels._intrinsics import (
+    Width,
+    WidthTag,
+    atomic_fetch_add,
+    data_address,
+    half_to_float,
+    load_pair,
+    prefetch_bytes,
+    vadd,
+    vload_row,
+    vadd_scalar,
+    vfma,
+    vload_row_i8,
+    vscale,
+    vstore_row,
+    vzero,
+)
+from tiermem.kernels.validate import check_ids, check_offsets
 
 _LINE = 64  # bytes per cache line
 
 
-def _accumulate(acc, W, Q, r, w):  # type: ignore[no-untyped-def]  # pragma: no cover
-    """acc += w * dequant(W[r]); specialised per arena dtype below."""
+def _pool_segment(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
+                  acc, D):  # type: ignore[no-untyped-def]  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(_accumulate, jit_options=SERIAL)
-def _accumulate_impl(acc, W, Q, r, w):  # type: ignore[no-untyped-def]
-    dt = W.dtype
-    if dt == np.float32 or str(dt) == "float32":
+@overload(_pool_segment, jit_options=SERIAL)
+def _pool_segment_impl(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
+                       acc, D):  # type: ignore[no-untyped-def]
+    """Pool bags ``ja:jb`` of one table (arena rows ``base + ids``) into ``out[b0:, cb:]``."""
+    kind = str(W.dtype)
+    quant = kind == "int8"
+    weighted = not isinstance(weights, (types.NoneType, types.Omitted))
 
-        def f32(acc, W, Q, r, w):  # type: ignore[no-untyped-def]
-            row = W[r]
-            for d in range(acc.size):
-                acc[d] += w * row[d]
-
-        return f32
-    if str(dt) == "uint16":
-
-        def f16(acc, W, Q, r, w):  # type: ignore[no-untyped-def]
-            row = W[r]
-            for d in range(acc.size):
-                acc[d] += w * half_to_float(row[d])
-
-        return f16
-    if str(dt) == "int8":
-
-        def i8(acc, W, Q, r, w):  # type: ignore[no-untyped-def]
-            row = W[r]
-            scale = Q[r, 0]
-            bias = Q[r, 1]
-            for d in range(acc.size):
-                acc[d] += w * (scale * np.float32(row[d]) + bias)
-
-        return i8
-    return None
-
-
-def _prefetch(W, Q, r):  # type: ignore[no-untyped-def]  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(_prefetch, jit_options=SERIAL)
-def _prefetch_impl(W, Q, r):  # type: ignore[no-untyped-def]
     itemsize = W.dtype.bitwidth // 8
-    step = _LINE // itemsize
-    quantized = str(W.dtype) == "int8"
+    # (The prefetches are written out inline below: a helper function taking the arrays
+    # would cost NRT incref/decref calls per lookup.)
+    if isinstance(D, WidthTag):
+        # width known at compile time (D is a WidthTag: a literal int would not survive
+        # parfor lowering): the pooled row is an <D x float> value held in registers
+        row_bytes = D.count * itemsize
+        n_lines = (row_bytes + _LINE - 1) // _LINE
 
-    def pf(W, Q, r):  # type: ignore[no-untyped-def]
-        for c in range(0, W.shape[1], step):
-            prefetch_row(W, r, c)
-        if quantized:
-            prefetch_row(Q, r, 0)
+        def seg_const(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
+                      acc, D):  # type: ignore[no-untyped-def]
+            i_end = offsets[jb]
+            if pd > 0:
+                i0 = offsets[ja]
+                for p in range(i0, min(i0 + pd, i_end)):
+                    rp = base + ids[p]
+                    for k in range(n_lines):
+                        prefetch_bytes(W, rp, k * _LINE)
+                    if not aligned:
+                        prefetch_bytes(W, rp, row_bytes - 1)
+                    if quant:
+                        prefetch_bytes(Q, rp, 0)
+            b = b0
+            for j in range(ja, jb):
+                s = offsets[j]
+                e = offsets[j + 1]
+                v = vzero(D)
+                bsum = np.float32(0.0)  # int8: the biases, added to every lane at the end
+                for i in range(s, e):
+                    if pd > 0:
+                        p = i + pd
+                        if p < i_end:
+                            rp = base + ids[p]
+                            for k in range(n_lines):
+                                prefetch_bytes(W, rp, k * _LINE)
+                            if not aligned:
+                                prefetch_bytes(W, rp, row_bytes - 1)
+                            if quant:
+                                prefetch_bytes(Q, rp, 0)
+                    r = base + ids[i]
+                    if quant:
+                        # sum(scale * q + bias) = sum(scale * q) + sum(bias): one FMA a lane
+                        sc, bi = load_pair(Q, r)
+                        if weighted:
+                            w = weights[i]
+                            sc = sc * w
+                            bi = bi * w
+                        v = vfma(v, vload_row_i8(W, r, D), sc)
+                        bsum += bi
+                    elif weighted:
+                        v = vfma(v, vload_row(W, r, D), weights[i])
+                    else:
+                        v = vadd(v, vload_row(W, r, D))
+                if quant:
+                    v = vadd_scalar(v, bsum)
+                if mean and e > s:
+                    v = vscale(v, np.float32(1.0) / np.float32(e - s))
+                vstore_row(out, b, cb, v)
+                b += 1
 
-    return pf
+        return seg_const
 
-
-@njit(**PARALLEL)
-def _sls(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pf_dist,
-         n_chunks):  # type: ignore[no-untyped-def]
-    n_bags = offsets.size - 1
-    D = W.shape[1]
-    has_w = weights.size > 0
-    nc = min(n_chunks, n_bags)
-    for c in prange(nc):
-        j0 = c * n_bags // nc
-        j1 = (c + 1) * n_bags // nc
-        end = offsets[j1]
-        jp = j0  # bag of the lookup being prefetched
-        acc = np.empty(D, np.float32)
-        for j in range(j0, j1):
-            t = j // batch_size
-            b = j - t * batch_size
-            base = row_base[t]
+    def seg_var(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
+                acc, D):  # type: ignore[no-untyped-def]
+        n = W.shape[1]
+        nb = n * itemsize
+        i_end = offsets[jb]
+        if pd > 0:
+            i0 = offsets[ja]
+            for p in range(i0, min(i0 + pd, i_end)):
+                rp = base + ids[p]
+                for k in range(0, nb, _LINE):
+                    prefetch_bytes(W, rp, k)
+                if not aligned:
+                    prefetch_bytes(W, rp, nb - 1)
+                if quant:
+                    prefetch_bytes(Q, rp, 0)
+        b = b0
+        for j in range(ja, jb):
             s = offsets[j]
             e = offsets[j + 1]
-            acc[:] = 0.0
+            for d in range(n):
+                acc[d] = 0.0
             for i in range(s, e):
-                if pf_dist > 0:
-                    p = i + pf_dist
-                    if p < end:
-                        while offsets[jp + 1] <= p:
-                            jp += 1
-                        _prefetch(W, Q, row_base[jp // batch_size] + ids[p])
-                w = weights[i] if has_w else np.float32(1.0)
-                _accumulate(acc, W, Q, base + ids[i], w)
+                if pd > 0:
+                    p = i + pd
+                    if p < i_end:
+                        rp = base + ids[p]
+                        for k in range(0, nb, _LINE):
+                            prefetch_bytes(W, rp, k)
+                        if not aligned:
+                            prefetch_bytes(W, rp, nb - 1)
+                        if quant:
+                            prefetch_bytes(Q, rp, 0)
+                r = base + ids[i]
+                w = weights[i] if weighted else np.float32(1.0)
+                if quant:
+                    sc, bi = load_pair(Q, r)
+                    if weighted:
+                        for d in range(n):
+                            acc[d] += w * (sc * np.float32(W[r, d]) + bi)
+                    else:
+                        for d in range(n):
+                            acc[d] += sc * np.float32(W[r, d]) + bi
+                elif kind == "uint16":
+                    if weighted:
+                        for d in range(n):
+                            acc[d] += w * half_to_float(W[r, d])
+                    else:
+                        for d in range(n):
+                            acc[d] += half_to_float(W[r, d])
+                else:
+                    if weighted:
+                        for d in range(n):
+                            acc[d] += w * W[r, d]
+                    else:
+                        for d in range(n):
+                            acc[d] += W[r, d]
             if mean and e > s:
                 inv = np.float32(1.0) / np.float32(e - s)
-                for d in range(D):
-                    acc[d] *= inv
-            cb = col_base[t]
-            for d in range(D):
-                out[b, cb + d] = acc[d]
+                for d in range(n):
+                    out[b, cb + d] = acc[d] * inv
+            else:
+                for d in range(n):
+                    out[b, cb + d] = acc[d]
+            b += 1
+
+    return seg_var
+
+
+@njit(**SERIAL)
+def _chunk_start(offsets, c, nc):  # type: ignore[no-untyped-def]
+    """First bag of chunk ``c`` of ``nc``, balancing lookups + bags (work ~ both)."""
+    n_bags = offsets.size - 1
+    if c <= 0:
+        return 0
+    if c >= nc:
+        return n_bags
+    total = offsets[n_bags] + n_bags
+    target = (total * c) // nc
+    lo = 0
+    hi = n_bags
+    while lo < hi:  # smallest j with offsets[j] + j >= target
+        mid = (lo + hi) // 2
+        if offsets[mid] + mid >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 @njit(**PARALLEL)
-def _gather_touch(W, ids, step, n_chunks):  # type: ignore[no-untyped-def]
-    """Read one element per cache line of each row: what memory alone allows."""
+def _pool_fixed(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
+                n_threads, n_chunks, D):  # type: ignore[no-untyped-def]
+    """Kernel for the common widths: ``D`` is a ``Width`` (compile-time constant)."""
+    tag = D
+    n_bags = offsets.size - 1
+    nc = max(1, min(n_chunks, n_bags))
+    nt = max(1, min(n_threads, nc))
+    # rows start on a cache line: prefetching the lines 0, 64, ... of a row is enough
+    aligned = data_address(W) % _LINE == 0 and W.strides[0] % _LINE == 0
+    # one prange step per thread; the threads take chunks of bags from a shared counter,
+    # so one slowed down (by another process) does not hold the batch up
+    counter = np.zeros(1, np.int64)
+    for _ in prange(nt):
+        acc = np.empty(W.shape[1], np.float32)
+        c = atomic_fetch_add(counter, 0, 1)
+        while c < nc:
+            j0 = _chunk_start(offsets, c, nc)
+            j1 = _chunk_start(offsets, c + 1, nc)
+            j = j0
+            while j < j1:
+                t = j // batch_size
+                jb = min(j1, (t + 1) * batch_size)
+                _pool_segment(W, Q, ids, offsets, j, jb, row_base[t], out, j - t * batch_size,
+                              col_base[t], weights, mean, pd, aligned, acc, tag)
+                j = jb
+            c = atomic_fetch_add(counter, 0, 1)
+
+
+@njit(**PARALLEL)
+def _pool_any(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
+              n_threads, n_chunks, D):  # type: ignore[no-untyped-def]
+    """Kernel for any width (run-time ``D``)."""
+    n_bags = offsets.size - 1
+    nc = max(1, min(n_chunks, n_bags))
+    nt = max(1, min(n_threads, nc))
+    # rows start on a cache line: prefetching the lines 0, 64, ... of a row is enough
+    aligned = data_address(W) % _LINE == 0 and W.strides[0] % _LINE == 0
+    # one prange step per thread; the threads take chunks of bags from a shared counter,
+    # so one slowed down (by another process) does not hold the batch up
+    counter = np.zeros(1, np.int64)
+    for _ in prange(nt):
+        acc = np.empty(W.shape[1], np.float32)
+        c = atomic_fetch_add(counter, 0, 1)
+        while c < nc:
+            j0 = _chunk_start(offsets, c, nc)
+            j1 = _chunk_start(offsets, c + 1, nc)
+            j = j0
+            while j < j1:
+                t = j // batch_size
+                jb = min(j1, (t + 1) * batch_size)
+                _pool_segment(W, Q, ids, offsets, j, jb, row_base[t], out, j - t * batch_size,
+                              col_base[t], weights, mean, pd, aligned, acc, D)
+                j = jb
+            c = atomic_fetch_add(counter, 0, 1)
+
+
+@njit(**PARALLEL)
+def _gather_touch(W, ids, step, pd, n_chunks):  # type: ignore[no-untyped-def]
+    """Read one element per cache line of each row ``W[ids]`` (lines prefetched ``pd``
+    rows ahead, as the pooling kernels do): what the memory alone allows."""
     n = ids.size
-    nc = min(n_chunks, max(n, 1))
+    nc = max(1, min(n_chunks, n))
+    row_bytes = W.shape[1] * W.itemsize
     tot = np.zeros(nc, np.float64)
     for c in prange(nc):
         s = 0.0
-        for i in range(c * n // nc, (c + 1) * n // nc):
+        i0 = c * n // nc
+        i1 = (c + 1) * n // nc
+        for i in range(i0, i1):
+            p = i + pd
+            if pd > 0 and p < i1:
+                for k in range(0, row_bytes, _LINE):
+                    prefetch_bytes(W, ids[p], k)
             r = ids[i]
             for k in range(0, W.shape[1], step):
                 s += W[r, k]
         tot[c] = s
     return tot.sum()
+
+
+# --- public API -------------------------------------------------------------------------
+
+_MODES = ("sum", "mean")
+_ARENA_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int8))
+_F32 = np.dtype(np.float32)
+_I64 = np.dtype(np.int64)
+
+
+_WIDTHS: dict[int, Width] = {}
+#: bag chunks per thread (handed out dynamically)
+_CHUNKS_PER_THREAD = 4
+#: below this many lookups + bags a call runs on the calling thread alone
+_PARALLEL_MIN_WORK = 2048
+
+
+def _fixed_width(D: int) -> bool:
+    """Widths with a kernel specialised at compile time (compiled on first use, cached)."""
+    return D % 4 == 0 and 4 <= D <= 512
+
+
+def _rows_contiguous(a: np.ndarray) -> bool:
+    """Rows stored whole at a positive row stride (e.g. int8 rows fused with their
+    (scale, bias): ``W = buf[:, :D]``, ``Q = buf[:, D:D + 8].view(np.float32)``)."""
+    s0, s1 = a.strides
+    return s1 == a.itemsize and s0 >= a.shape[1] * a.itemsize and s0 % a.itemsize == 0
+
+
+def _bad(msg: str) -> InvalidBatchError:
+    return InvalidBatchError(msg)
+
+
+def _check_vec(name: str, a: object, dtype: np.dtype) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype != dtype:
+        what = (f"a {a.ndim}-D {a.dtype} array" if isinstance(a, np.ndarray)
+                else type(a).__name__)
+        raise _bad(f"{name} must be a 1-D {dtype} array, got {what}")
+    if not a.flags.c_contiguous:
+        raise _bad(f"{name} must be contiguous")
+    return a
+
+
+def pool_arena(W: np.ndarray, Q: np.ndarray | None, ids: np.ndarray, offsets: np.ndarray, *,
+               batch_size: int, row_base: np.ndarray, col_base: np.ndarray, out: np.ndarray,
+               weights: np.ndarray | None = None, mode: str = "sum",
+               prefetch_distance: int = 16) -> None:
+    """Pool the bags of a KeyedJaggedTensor batch over an arena into ``out``.
+
+    ``W``: ``(n_rows, D)`` float32, float16 or int8 arena; int8 needs ``Q`` float32
+    ``(n_rows, 2)`` = per-row ``(scale, bias)`` (value ``scale * q + bias``); ``Q`` is
+    ignored (may be None) otherwise. Both C-contiguous, or row-strided views with
+    contiguous rows: an int8 arena that keeps each row's (scale, bias) right after the
+    row (``buf = (n_rows, D + 8)`` uint8, ``W = buf[:, :D].view(int8)``,
+    ``Q = buf[:, D:].view(float32)``) costs one memory access per lookup instead of two. ``ids`` int64 table-local row ids,
+    key-major; ``offsets`` int64 with ``T * B + 1`` entries (``T = len(row_base)``,
+    ``B = batch_size``): bag ``j`` is table ``j // B``, sample ``j % B``, its rows are
+    ``W[row_base[t] + ids[offsets[j]:offsets[j + 1]]]``; its pooled row goes to
+    ``out[j % B, col_base[t] : col_base[t] + D]`` (``out`` float32 ``(B, C)``,
+    C-contiguous; columns no table covers are left untouched).
+
+    ``mode``: ``"sum"`` or ``"mean"`` (sum / bag length; an empty bag gives zeros).
+    ``weights``: optional float32 per id (only with ``"sum"``): ``sum(w_i * row_i)``.
+    Accumulation is float32 in id order (as ``torch.nn.EmbeddingBag``).
+    ``prefetch_distance``: software prefetch of the rows that many lookups ahead
+    (``0`` disables it).
+
+    Not validated (callers must, e.g. with :mod:`tiermem.kernels.validate`): that
+    ``0 <= row_base[t] + id < n_rows`` for every id and that ``offsets`` is
+    non-decreasing: a bad id reads out of bounds. Only dtypes, shapes, contiguity,
+    ``offsets[0] == 0``, ``offsets[-1] == len(ids)`` and the column ranges are checked
+    (InvalidBatchError). Thread-safe; releases the GIL; runs on
+    ``numba.get_num_threads()`` threads of the calling thread.
+    """
+    if not isinstance(W, np.ndarray) or W.ndim != 2 or W.dtype not in _ARENA_DTYPES:
+        what = f"{W.ndim}-D {W.dtype}" if isinstance(W, np.ndarray) else type(W).__name__
+        raise _bad(f"W must be a 2-D float32, float16 or int8 arena, got {what}")
+    if not W.flags.c_contiguous and not _rows_contiguous(W):
+        raise _bad("W must be C-contiguous (or have contiguous rows at a positive row stride)")
+    n_rows, D = W.shape
+    if W.dtype == np.int8:
+        if not isinstance(Q, np.ndarray) or Q.dtype != _F32 or Q.shape != (n_rows, 2):
+            what = (f"{Q.dtype} {Q.shape}" if isinstance(Q, np.ndarray) else type(Q).__name__)
+            raise _bad(f"Q must be float32 ({n_rows}, 2) (scale, bias) for an int8 arena, "
+                       f"got {what}")
+        if not Q.flags.c_contiguous and not _rows_contiguous(Q):
+            raise _bad("Q must be C-contiguous (or have contiguous rows)")
+    else:
+        Q = None
+        if W.dtype == np.float16:
+            W = W.view(np.uint16)
+    _check_vec("ids", ids, _I64)
+    _check_vec("offsets", offsets, _I64)
+    _check_vec("row_base", row_base, _I64)
+    _check_vec("col_base", col_base, _I64)
+    T = row_base.shape[0]
+    B = int(batch_size)
+    if B < 0:
+        raise _bad(f"batch_size must be >= 0, got {B}")
+    if col_base.shape[0] != T:
+        raise _bad(f"col_base has {col_base.shape[0]} entries, row_base {T}: one per table")
+    if offsets.shape[0] != T * B + 1:
+        raise _bad(f"offsets has {offsets.shape[0]} entries; {T} tables x batch_size {B} "
+                   f"needs {T * B + 1}")
+    nnz = ids.shape[0]
+    if offsets[0] != 0 or offsets[-1] != nnz:
+        raise _bad(f"offsets must start at 0 and end at len(ids) = {nnz}, got "
+                   f"[{offsets[0]}, ..., {offsets[-1]}]")
+    if (not isinstance(out, np.ndarray) or out.ndim != 2 or out.dtype != _F32
+            or not out.flags.c_contiguous or not out.flags.writeable):
+        what = (f"{out.ndim}-D {out.dtype}" if isinstance(out, np.ndarray)
+                else type(out).__name__)
+        raise _bad(f"out must be a writeable C-contiguous 2-D float32 array, got {what}")
+    if out.shape[0] != B:
+        raise _bad(f"out has {out.shape[0]} rows, batch_size is {B}")
+    if T and (col_base.min() < 0 or col_base.max() + D > out.shape[1]):
+        raise _bad(f"col_base must lie in [0, {out.shape[1] - D}] (out has {out.shape[1]} "
+                   f"columns, rows are {D} wide), got [{col_base.min()}, {col_base.max()}]")
+    if mode not in _MODES:
+        raise _bad(f"mode must be 'sum' or 'mean', got {mode!r}")
+    if weights is not None:
+        _check_vec("weights", weights, _F32)
+        if weights.shape[0] != nnz:
+            raise _bad(f"weights has {weights.shape[0]} entries, ids {nnz}: one per id")
+        if mode != "sum":
+            raise _bad("per-sample weights need mode='sum'")
+    pd = int(prefetch_distance)
+    if pd < 0:
+        raise _bad(f"prefetch_distance must be >= 0, got {pd}")
+    if T * B == 0 or D == 0:
+        return
+    n_threads = n_threads_before = numba.get_num_threads()
+    small = n_threads > 1 and nnz + T * B < _PARALLEL_MIN_WORK
+    if small:  # waking the other threads would cost more than it saves
+        numba.set_num_threads(1)
+        n_threads = 1
+    try:
+        n_chunks = n_threads * _CHUNKS_PER_THREAD
+        if _fixed_width(D):
+            width = _WIDTHS.get(D)
+            if width is None:
+                width = _WIDTHS.setdefault(D, Width(D))
+            _pool_fixed(W, Q, ids, offsets, row_base, B, col_base, weights, mode == "mean", out,
+                        pd, n_threads, n_chunks, width)
+        else:
+            _pool_any(W, Q, ids, offsets, row_base, B, col_base, weights, mode == "mean", out,
+                      pd, n_threads, n_chunks, D)
+    finally:
+        if small:
+            numba.set_num_threads(n_threads_before)
+
+
+def sparse_lengths_sum(table: np.ndarray, indices: np.ndarray, offsets: np.ndarray,
+                       weights: np.ndarray | None = None, *, mode: str = "sum",
+                       qparams: np.ndarray | None = None,
+                       prefetch_distance: int = 16) -> np.ndarray:
+    """One-table EmbeddingBag: ``offsets`` has ``B + 1`` entries (include_last_offset).
+
+    ``table``: float32, float16 or int8 ``(n_rows, D)`` (int8 with ``qparams``
+    float32 ``(n_rows, 2)`` = (scale, bias)). Ids and offsets are validated
+    (InvalidBatchError naming the field and the first bad value). Returns the
+    pooled ``(B, D)`` float32 rows.
+    """
+    if not isinstance(table, np.ndarray) or table.ndim != 2:
+        raise _bad("table must be a 2-D array")
+    for name, a in (("indices", indices), ("offsets", offsets)):
+        if not isinstance(a, np.ndarray) or a.ndim != 1:
+            raise _bad(f"{name} must be a 1-D integer array")
+        if a.dtype.kind not in "iu":
+            raise _bad(f"{name} must hold integers, got dtype {a.dtype}")
+    ids = np.ascontiguousarray(indices, dtype=np.int64)
+    offs = np.ascontiguousarray(offsets, dtype=np.int64)
+    if indices.dtype.kind == "u" and indices.size and int(indices.max()) > np.iinfo(np.int64).max:
+        raise _bad("indices: value out of the int64 range")
+    msg = check_offsets(offs, ids.shape[0])
+    if msg is not None:
+        raise _bad(f"offsets: {msg}")
+    msg = check_ids(ids, 0, ids.shape[0], table.shape[0])
+    if msg is not None:
+        raise _bad(f"indices: {msg}")
+    if weights is not None:
+        if not isinstance(weights, np.ndarray) or weights.ndim != 1 or weights.dtype.kind != "f":
+            raise _bad("weights must be a 1-D float array (one weight per index)")
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+    B = offs.shape[0] - 1
+    out = np.zeros((B, table.shape[1]), np.float32)
+    if not table.flags.c_contiguous and not _rows_contiguous(table):
+        table = np.ascontiguousarray(table)
+    pool_arena(table, qparams, ids, offs, batch_size=B,
+               row_base=np.zeros(1, np.int64), col_base=np.zeros(1, np.int64), out=out,
+               weights=weights, mode=mode, prefetch_distance=prefetch_distance)
+    return out
+
+
+def gather_touch(W: np.ndarray, ids: np.ndarray, prefetch_distance: int = 16) -> float:
+    """Read one element per 64-byte line of each row ``W[ids]`` (parallel, with the same
+    software prefetch as the pooling kernels): the memory's own limit for a gather of
+    these rows. ``ids`` are not bounds-checked. Returns a meaningless checksum."""
+    if not isinstance(W, np.ndarray) or W.ndim != 2 or not W.flags.c_contiguous:
+        raise _bad("W must be a C-contiguous 2-D array")
+    if W.dtype == np.float16:
+        W = W.view(np.uint16)
+    _check_vec("ids", ids, _I64)
+    step = max(1, _LINE // W.dtype.itemsize)
+    return float(_gather_touch(W, ids, step, max(0, int(prefetch_distance)),
+                               numba.get_num_threads()))

@@ -1,7 +1,8 @@
-"""Cache replacement policies over slots (key -> slot index and eviction order)."""
+"""The DRAM row cache: policies over slots, the cached tier, the prefetcher."""
 
 from __future__ import annotations
 
+from tiermem.cache.cache import CacheConfig, CachedTier, PrefetchCounters
 from tiermem.cache.policy import (
     AccessResult,
     CachePolicy,
@@ -16,9 +17,15 @@ from tiermem.cache.policy import (
     hot_keys,
     make_policy,
 )
+from tiermem.cache.prefetch import PrefetchConfig, Prefetcher
 
 __all__ = [
     "AccessResult",
+    "CacheConfig",
+    "CachedTier",
+    "PrefetchConfig",
+    "PrefetchCounters",
+    "Prefetcher",
     "CachePolicy",
     "CacheStats",
     "ClockPolicy",

@@ -1,7 +1,10 @@
-"""The ``tiermem`` command, run as subprocesses.
+"""The ``tiermem`` command, run as subprocesses (the installed entry point, or
+``python -m runtime.cli``).
 
 Predictions are compared with the plain-torch DLRM of tests/naive.py; stores with a
-plain ``zarr.open``. Independent subprocesses run a few at a time to keep the file fast.
+plain ``zarr.open``. Independent subprocesses run a few at a time, and the extra help /
+error cases go through ``runtime.cli.main`` in-process (the entry point's own function),
+since every subprocess pays a ~2-3 s torch + numba import.
 """
 
 from __future__ import annotations
@@ -318,7 +321,6 @@ def bad_batches(models, tmp_path: Path) -> dict[str, Path]:
 def test_bad_arguments_subprocess(models, bad_batches, tmp_path: Path, subprocess_env) -> None:
     ckpt, store, _ = models["dlrm"]
     names = bad_batches["names"]
-    existing = models["torchrec"][1]
 
     def predict(*extra, batch=bad_batches["good"], store=store):
         return ["predict", "--model", ckpt, "--store", store, "--batch", batch,
@@ -331,15 +333,12 @@ def test_bad_arguments_subprocess(models, bad_batches, tmp_path: Path, subproces
         (predict("--threads", "-2"), ["--threads", "-2"]),
         (predict(batch=bad_batches["oob"]), [repr(names[2]), "300"]),
         (predict(batch=bad_batches["text"]), ["text.npz", "npz"]),
-        (predict(batch=bad_batches["npy"]), ["array.npz"]),
-        (["create-store", existing, "--random", "5:2"], ["already exists"]),
     ]
     results = _run_many([c for c, _ in cases], tmp_path, subprocess_env)
     for (_, needles), p in zip(cases, results, strict=True):
         _fails_cleanly(p, *needles)
     assert not (tmp_path / "o.npy").exists()
     assert not (tmp_path / "x.zarr").exists()
-    assert _store_names(existing) == TORCHREC_NAMES
 
 
 def test_bad_arguments_in_process(models, bad_batches, tmp_path: Path, capsys) -> None:
@@ -347,6 +346,7 @@ def test_bad_arguments_in_process(models, bad_batches, tmp_path: Path, capsys) -
     or exits non-zero with a message on stderr; any other exception fails the test."""
     ckpt, store, _ = models["dlrm"]
     names = bad_batches["names"]
+    existing = models["torchrec"][1]
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
 
@@ -359,6 +359,12 @@ def test_bad_arguments_in_process(models, bad_batches, tmp_path: Path, capsys) -
         (predict("--threads", "0"), ["--threads"]),
         (predict("--io-threads", "0"), ["--io-threads"]),
         (predict("--prefetch-distance", "-1"), ["--prefetch-distance"]),
+        (predict("--prefetch-distance", "5000"), ["prefetch_distance", "4096"]),
+        (predict("--cxl-bandwidth-gbps", "0"), ["cxl_bandwidth_gbps"]),
+        (predict("--cxl-latency-ns", "-1"), ["cxl_latency_ns"]),
+        (predict("--cxl-latency-ns", "nan"), ["cxl_latency_ns"]),
+        (predict("--layout", "keras"), ["keras"]),
+        (predict(batch=bad_batches["npy"]), ["array.npz"]),
         (predict(batch=bad_batches["nodense"]), ["nodense.npz", "dense"]),
         (predict(batch=bad_batches["floatids"]), ["floatids.npz", "integers"]),
         (predict(batch=bad_batches["wrongwidth"]), ["wrongwidth.npz", "sparse", "(B, 4)"]),
@@ -368,6 +374,7 @@ def test_bad_arguments_in_process(models, bad_batches, tmp_path: Path, capsys) -
         (predict("--out", str(tmp_path / "o.bin")), ["o.bin"]),
         (["predict", "--model", str(tmp_path / "nope.pt"), "--store", str(store), "--batch",
           str(bad_batches["good"]), "--out", str(tmp_path / "o.npy")], ["nope.pt"]),
+        (["create-store", str(existing), "--random", "5:2"], ["already exists"]),
         (["create-store", str(tmp_path / "x.zarr"), "--random", "t0:10"], ["t0:10"]),
         (["create-store", str(tmp_path / "x.zarr"), "--random", ""], ["no tables"]),
         (["create-store", str(tmp_path / "x.zarr"), "--random", "t0:0:8"], ["rows", "0"]),
@@ -397,6 +404,7 @@ def test_bad_arguments_in_process(models, bad_batches, tmp_path: Path, capsys) -
             assert n in err, f"{n!r} not in stderr of {args}:\n{err}"
     assert not (tmp_path / "o.npy").exists() and not (tmp_path / "o.bin").exists()
     assert not (tmp_path / "x.zarr").exists()
+    assert _store_names(existing) == TORCHREC_NAMES  # untouched by the refused create-store
 
 
 # ---------------------------------------------------------------------------

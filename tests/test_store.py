@@ -112,7 +112,8 @@ def _check_values(path: Path, name: str, dtype: str, original: np.ndarray) -> fl
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("chunk_rows,block_rows", [(None, 65536), (8, 7), (5, 3), (64, 1000), (1, 4)])
+@pytest.mark.parametrize("chunk_rows,block_rows",
+                         [(None, 65536), (8, 7), (5, 3), (64, 1000), (1, 4)])
 def test_round_trip_from_arrays(tmp_path: Path, dtype: str, chunk_rows: int | None,
                                 block_rows: int, record_property) -> None:
     rng = np.random.default_rng(1)

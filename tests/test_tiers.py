@@ -285,19 +285,32 @@ def test_ssd_small_chunks_and_coalescing(small_chunk_store_path: Path, decoded) 
 
 
 def test_ssd_coalescing_reduces_read_ops(small_chunk_store_path: Path) -> None:
+    """Read counts follow the chunk layout (3 rows of 16 bytes per file): contiguous rows
+    are one read per file; with gap 0 every isolated row is its own read, with a 4 KiB gap
+    the wanted rows of one file merge into one read spanning them."""
     info = open_store(small_chunk_store_path)
-    ids = np.arange(50, dtype=np.int64)  # every row of f32_a, once
-    sf = SparseFeatures.from_lengths(["f32_a"], ids, [50])
-    ops = {}
-    for gap in (0, 4096):
-        with SsdTier(info, TierConfig(kind="ssd", coalesce_gap_bytes=gap)) as t:
-            t.pool(sf)
-            st_ = t.stats.tables["f32_a"]
-            ops[gap] = st_.read_ops
-            assert st_.rows_read == 50
-            assert st_.bytes_read == 50 * 16
-    # contiguous rows: one read per chunk file either way (17 files of 3 rows)
-    assert ops[0] == ops[4096] == 17
+    cases = {
+        "contiguous": np.arange(50, dtype=np.int64),
+        "every_other": np.arange(0, 50, 2, dtype=np.int64),
+        "sparse_dups": np.array([49, 0, 2, 2, 30, 31, 0, 45, 47], np.int64),
+    }
+    for label, ids in cases.items():
+        u = np.unique(ids)
+        chunks = u // 3
+        # independent expectation, gap 4096: one read per chunk file, first..last wanted row
+        merged_ops = np.unique(chunks).size
+        merged_bytes = sum((u[chunks == c].max() - u[chunks == c].min() + 1) * 16
+                           for c in np.unique(chunks))
+        # gap 0: runs of adjacent rows inside one chunk file
+        runs = 1 + int(np.sum((np.diff(u) != 1) | (np.diff(chunks) != 0)))
+        sf = SparseFeatures.from_lengths(["f32_a"], ids, [ids.size])
+        for gap, ops, nbytes in ((0, runs, u.size * 16), (4096, merged_ops, merged_bytes)):
+            with SsdTier(info, TierConfig(kind="ssd", coalesce_gap_bytes=gap)) as t:
+                t.pool(sf)
+                st_ = t.stats.tables["f32_a"]
+                assert st_.rows_read == u.size, (label, gap)
+                assert st_.read_ops == ops, (label, gap)
+                assert st_.bytes_read == nbytes, (label, gap)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -349,7 +362,8 @@ _READ_ROWS_BUFFERS = textwrap.dedent("""
     from tiermem.errors import TierMemError
     from tiermem.format import create_store_from_arrays
     from tiermem.tiers import SsdTier
-    info = create_store_from_arrays(sys.argv[1], {"a": np.arange(400, dtype=np.float32).reshape(100, 4)})
+    a = np.arange(400, dtype=np.float32).reshape(100, 4)
+    info = create_store_from_arrays(sys.argv[1], {"a": a})
     t = SsdTier(info)
     res = []
     for name, rows, w in [("int8_out", [1, 2, 3], np.zeros((3, 4), np.int8)),
@@ -648,11 +662,13 @@ def test_features_select(data, extra) -> None:
 
 
 def test_features_torch_inputs() -> None:
-    sf = SparseFeatures.from_lengths(["a", "b"], torch.tensor([1, 2, 3]), torch.tensor([1, 0, 2, 0]),
+    sf = SparseFeatures.from_lengths(["a", "b"], torch.tensor([1, 2, 3]),
+                                     torch.tensor([1, 0, 2, 0]),
                                      torch.tensor([0.5, 1.0, 2.0]))
     np.testing.assert_array_equal(sf.offsets, [0, 1, 1, 3, 3])
     assert sf.weights.dtype == np.float32
-    sf2 = SparseFeatures.from_offsets(["a"], np.array([4, 5], np.uint32), np.array([0, 2], np.int32))
+    sf2 = SparseFeatures.from_offsets(["a"], np.array([4, 5], np.uint32),
+                                      np.array([0, 2], np.int32))
     assert sf2.values.dtype == np.int64 and sf2.batch_size == 1
 
 

@@ -48,6 +48,9 @@ class SparseFeatures:
     weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.keys, str):
+            raise InvalidBatchError(f"keys must be a sequence of table names, got the string "
+                                    f"{self.keys!r}")
         keys = tuple(self.keys)
         if not keys:
             raise InvalidBatchError("keys is empty: a batch needs at least one table")

@@ -364,7 +364,10 @@ class StoreWriter:
         os.replace(self.tmp, self.path)
         _fsync_dir(self.path.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
         self._done = True
         return open_store(self.path)
 
@@ -564,6 +567,7 @@ def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> St
     if not isinstance(tables_meta, list) or not tables_meta:
         raise StoreFormatError(f"{root}: metadata lists no tables")
     infos = []
+    seen: set[str] = set()
     for tm in tables_meta:
         try:
             spec = TableSpec.from_dict(tm)
@@ -572,6 +576,9 @@ def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> St
             raise StoreFormatError(f"{root}: bad table entry {tm!r} in metadata ({e})") from None
         if chunk_rows < 1:
             raise StoreFormatError(f"{root}: table {spec.name!r} has chunk_rows {chunk_rows}")
+        if spec.name in seen:
+            raise StoreFormatError(f"{root}: table {spec.name!r} is listed twice in the metadata")
+        seen.add(spec.name)
         wdir = root / "tables" / spec.name / "weight"
         if not (wdir / "zarr.json").exists():
             raise StoreFormatError(f"table {spec.name!r} is missing: {wdir} has no zarr.json")

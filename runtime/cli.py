@@ -6,6 +6,7 @@
     tiermem predict --model --store --batch --out
     tiermem trace-stats / trace-generate / trace-convert   (see traces/cli.py)
     tiermem replay / tune                                  (see traces/replay_cli.py)
+    tiermem serve                                          (see runtime/server.py)
 """
 
 from __future__ import annotations
@@ -144,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_trace_commands(sub)
     add_replay_commands(sub)
+    try:
+        from runtime.server import add_serve_commands
+    except ImportError:  # the [service] extra is not installed
+        pass
+    else:
+        add_serve_commands(sub)
     return ap
 
 
@@ -216,6 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {**_COMMANDS, **TRACE_COMMANDS, **REPLAY_COMMANDS}
+    try:
+        from runtime.server import SERVE_COMMANDS
+    except ImportError:
+        SERVE_COMMANDS = {}
+    commands.update(SERVE_COMMANDS)
     try:
         return commands[args.command](args)
     except TierMemError as e:

@@ -1,0 +1,623 @@
+"""Dynamic batching of inference requests in front of an :class:`InferenceSession`.
+
+Callers submit requests of any size; one worker thread merges what is queued
+into batches and runs one ``session.predict`` per batch::
+
+    submit(dense_i, sparse_i) ─► validate ─► bounded FIFO ─► worker: merge up to
+        max_batch_size samples, or until max_delay_ms after the oldest request
+        ─► session.predict(merged) ─► split rows back ─► Future_i.set_result
+
+Rules
+-----
+- **Validation on submit.** Shapes, dtypes, table names and every id (against
+  its table's row count) are checked before a request is queued, so a bad
+  request fails alone (its ``submit`` raises :class:`InvalidBatchError`) and
+  can never poison a merged batch. Should a merged batch still fail, each of
+  its requests is rerun alone, so only the offending one fails.
+- **Large requests.** A request of more than ``max_batch_size`` samples is
+  never split: it runs as a batch of its own (splitting would only add
+  passes over the MLPs; the session pipelines a large batch well already).
+- **Backpressure.** The queue holds at most ``max_queue_requests`` requests
+  and ``max_queue_samples`` samples (a request larger than the sample bound is
+  admitted only into an empty queue, so it is never refused forever). When
+  full, ``overload="reject"`` raises :class:`Overloaded` at once;
+  ``overload="wait"`` blocks up to ``wait_timeout_s`` (and never past the
+  request's deadline), then raises :class:`Overloaded`.
+- **Deadlines.** A request whose deadline passes while it waits fails with
+  :class:`DeadlineExceeded` at that moment (a reaper thread watches the
+  earliest deadline, so it fails even while the worker is busy); a request
+  never starts after its deadline. One that started in time finishes.
+- **Prefetch.** Before each batch runs, the requests queued behind it are
+  announced to ``session.prefetch`` (merged into batches of up to
+  ``max_batch_size`` samples, at most ``prefetch_batches`` of them, each
+  request once), so a session with a prefetcher reads their missing rows
+  while the current batch computes. Without a prefetcher nothing is done.
+- **Shutdown.** :meth:`DynamicBatcher.close` stops accepting (``submit``
+  raises :class:`BatcherClosed`), then with ``drain=True`` answers everything
+  already accepted before the worker stops; with ``drain=False`` queued
+  requests fail with :class:`BatcherClosed`.
+
+Results: merged batches go through the same kernels as single requests;
+the pooled embeddings are bit-identical, the MLP outputs may differ in the
+last bit (torch's GEMM blocking depends on the number of rows).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tiermem.errors import ConfigError, InvalidBatchError, TierMemError
+from tiermem.features import SparseFeatures
+
+if TYPE_CHECKING:
+    from runtime.session import InferenceSession
+
+__all__ = [
+    "BatcherClosed",
+    "BatcherConfig",
+    "BatcherCounters",
+    "DeadlineExceeded",
+    "DynamicBatcher",
+    "Overloaded",
+    "concat_features",
+]
+
+OVERLOAD_MODES = ("reject", "wait")
+
+
+class Overloaded(TierMemError):
+    """The request queue is full (or stayed full for ``wait_timeout_s``): retry later."""
+
+
+class DeadlineExceeded(TierMemError, TimeoutError):
+    """The request's deadline passed before it could run."""
+
+
+class BatcherClosed(TierMemError):
+    """The batcher is shutting down or closed: it accepts no new requests."""
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """Knobs of :class:`DynamicBatcher`."""
+
+    max_batch_size: int = 2048
+    """Most samples merged into one ``predict``; a larger request runs alone."""
+    max_delay_ms: float = 2.0
+    """Longest a batch waits for more requests, from the arrival of its oldest."""
+    max_queue_requests: int = 1024
+    """Most requests waiting."""
+    max_queue_samples: int = 65536
+    """Most samples waiting (an oversized request is admitted into an empty queue)."""
+    overload: str = "reject"
+    """When the queue is full: ``"reject"`` (raise :class:`Overloaded` at once) or ``"wait"``."""
+    wait_timeout_s: float = 1.0
+    """``overload="wait"``: longest a submit blocks for room before :class:`Overloaded`."""
+    prefetch_batches: int = 2
+    """Upcoming batches announced to the session's prefetcher (0 = none)."""
+
+    def __post_init__(self) -> None:
+        for name, lo in (("max_batch_size", 1), ("max_queue_requests", 1),
+                         ("max_queue_samples", 1), ("prefetch_batches", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"{type(self).__name__}.{name} must be an integer >= {lo}, "
+                                  f"got {v!r}")
+        for name in ("max_delay_ms", "wait_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e6:
+                raise ConfigError(f"{type(self).__name__}.{name} must be a number in [0, 1e6), "
+                                  f"got {v!r}")
+        if self.overload not in OVERLOAD_MODES:
+            raise ConfigError(f"{type(self).__name__}.overload must be one of {OVERLOAD_MODES}, "
+                              f"got {self.overload!r}")
+
+
+def concat_features(parts: list[SparseFeatures]) -> SparseFeatures:
+    """Concatenate batches with the same keys along the batch dimension.
+
+    Per table ``t``, the ids of part 0, part 1, ... follow each other and the
+    bag offsets of each part are shifted by the ids before it::
+
+        a: t0 [[1], [2, 3]]  t1 [[4], []]     b: t0 [[5]]  t1 [[6, 7]]
+        ->  t0 [[1], [2, 3], [5]]   t1 [[4], [], [6, 7]]
+
+    Weights are concatenated the same way; parts without weights get 1.0
+    (the same sum) when another part has some.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    keys = parts[0].keys
+    for p in parts[1:]:
+        if p.keys != keys:
+            raise InvalidBatchError(f"cannot merge batches with keys {list(p.keys)} and "
+                                    f"{list(keys)}")
+    T = len(keys)
+    weighted = any(p.weights is not None for p in parts)
+    # lengths: (T, B_p) per part, side by side -> (T, sum B_p), key-major again
+    lengths = np.concatenate([p.lengths.reshape(T, p.batch_size) for p in parts], axis=1)
+    offsets = np.zeros(lengths.size + 1, np.int64)
+    np.cumsum(lengths.reshape(-1), out=offsets[1:])
+    # values: table t's slice of part 0, part 1, ... for t = 0 .. T-1
+    bounds = [p.offsets[:: p.batch_size].tolist() if p.batch_size else [0] * (T + 1)
+              for p in parts]
+    vals, ws = [], []
+    for t in range(T):
+        for p, b in zip(parts, bounds, strict=True):
+            s, e = b[t], b[t + 1]
+            vals.append(p.values[s:e])
+            if weighted:
+                ws.append(p.weights[s:e] if p.weights is not None
+                          else np.ones(e - s, np.float32))
+    return SparseFeatures(keys, np.concatenate(vals), offsets,
+                          np.concatenate(ws) if weighted else None)
+
+
+_QUEUED, _RUNNING, _DONE = 0, 1, 2
+
+
+@dataclass(eq=False)
+class _Request:
+    dense: np.ndarray
+    sparse: SparseFeatures
+    deadline: float | None  # time.monotonic() seconds
+    future: Future[np.ndarray]
+    t_submit: float
+    seq: int
+    state: int = _QUEUED
+    announced: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(self.dense.shape[0])
+
+
+@dataclass
+class BatcherCounters:
+    """What the batcher did since it started (read under its lock)."""
+
+    submitted: int = 0
+    """requests accepted into the queue."""
+    completed: int = 0
+    """requests answered with predictions."""
+    failed: int = 0
+    """accepted requests that failed while running."""
+    invalid: int = 0
+    """requests refused on submit (bad shape, ids, tables)."""
+    rejected: int = 0
+    """requests refused because the queue was full (:class:`Overloaded`)."""
+    deadline_missed: int = 0
+    """requests whose deadline passed before they ran (:class:`DeadlineExceeded`)."""
+    cancelled: int = 0
+    """requests cancelled by their caller, or failed by ``close(drain=False)``."""
+    batches: int = 0
+    samples: int = 0
+    fallbacks: int = 0
+    """merged batches that failed and were rerun request by request."""
+    prefetched_batches: int = 0
+    """upcoming batches announced to the session's prefetcher."""
+
+
+class DynamicBatcher:
+    """Merge concurrent requests into batches for one :class:`InferenceSession`.
+
+    Parameters
+    ----------
+    session : InferenceSession
+        Runs the batches (``predict`` and, if it has a prefetcher, ``prefetch``).
+    config : BatcherConfig
+        Batch size, delay, queue bounds and overload behaviour.
+    on_batch : callable, optional
+        ``on_batch(samples, requests, seconds)`` after each batch ran.
+    on_done : callable, optional
+        ``on_done(outcome, latency_seconds)`` when a request is answered;
+        ``outcome`` is ``"ok"``, ``"error"``, ``"deadline"`` or ``"cancelled"``.
+
+    Notes
+    -----
+    :meth:`submit` is thread-safe and returns a :class:`concurrent.futures.Future`
+    resolving to the request's ``(B,)`` float32 predictions.
+    """
+
+    def __init__(self, session: InferenceSession, config: BatcherConfig | None = None, *,
+                 on_batch: Callable[[int, int, float], None] | None = None,
+                 on_done: Callable[[str, float], None] | None = None) -> None:
+        self.session = session
+        self.config = config or BatcherConfig()
+        self._on_batch = on_batch
+        self._on_done = on_done
+        self.table_names = tuple(session.table_names)
+        self.num_dense = int(session.dense.config.num_dense)
+        tier = session.tier
+        self._rows = {n: int(tier.tables[tier.table_index(n)].spec.rows) for n in self.table_names}
+        self._has_prefetcher = getattr(session, "prefetcher", None) is not None
+        self._queue: deque[_Request] = deque()
+        self._queued_requests = 0
+        self._queued_samples = 0
+        self._deadlines: list[tuple[float, int, _Request]] = []
+        self._cv = threading.Condition()
+        self._seq = itertools.count()
+        self._closed = False
+        self._stopped = False
+        self._drain = True
+        self.counters = BatcherCounters()
+        self._worker = threading.Thread(target=self._run, name="tiermem-batcher", daemon=True)
+        self._reaper = threading.Thread(target=self._reap, name="tiermem-deadlines", daemon=True)
+        self._worker.start()
+        self._reaper.start()
+
+    # -- submit ----------------------------------------------------------------
+    def validate(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any]
+                 ) -> tuple[np.ndarray, SparseFeatures]:
+        """Check and normalize one request: ``(B, num_dense)`` float32 and features
+        restricted to the model's tables, every id within its table."""
+        if hasattr(dense, "detach"):  # a torch tensor
+            dense = dense.detach().cpu().numpy()
+        try:
+            arr = np.asarray(dense)
+        except (ValueError, TypeError) as e:
+            raise InvalidBatchError(f"dense: not a rectangular numeric array ({e})") from None
+        if arr.dtype.kind not in "fiub":
+            raise InvalidBatchError(f"dense must be numeric, got dtype {arr.dtype}")
+        if arr.ndim != 2 or arr.shape[1] != self.num_dense:
+            raise InvalidBatchError(f"dense must have shape (B, {self.num_dense}), got "
+                                    f"{arr.shape}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not arr.flags.writeable:  # torch.from_numpy warns on read-only arrays
+            arr = arr.copy()
+        if not np.isfinite(arr).all():
+            raise InvalidBatchError("dense features contain NaN or infinity")
+        if isinstance(sparse, Mapping):
+            sparse = SparseFeatures.from_tables(dict(sparse))
+        if not isinstance(sparse, SparseFeatures):
+            raise InvalidBatchError(f"sparse must be SparseFeatures or a mapping of table -> "
+                                    f"(ids, offsets), got {type(sparse).__name__}")
+        unknown = [k for k in sparse.keys if k not in self._rows]
+        if unknown:
+            raise InvalidBatchError(f"unknown table(s) {unknown[:5]}; the model's tables are "
+                                    f"{list(self.table_names[:8])}"
+                                    f"{' ...' if len(self.table_names) > 8 else ''}")
+        sparse = sparse.select(self.table_names)
+        if sparse.batch_size != arr.shape[0]:
+            raise InvalidBatchError(f"dense has {arr.shape[0]} rows but the sparse features "
+                                    f"have batch size {sparse.batch_size}")
+        sparse.validate_ids(self._rows)
+        return arr, sparse
+
+    def submit(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any], *,
+               deadline: float | None = None) -> Future[np.ndarray]:
+        """Queue one request; its predictions arrive on the returned Future.
+
+        Parameters
+        ----------
+        dense, sparse
+            ``(B, num_dense)`` dense features and the request's sparse features.
+        deadline : float, optional
+            ``time.monotonic()`` time by which the request must have started.
+
+        Raises
+        ------
+        InvalidBatchError
+            The request is malformed (nothing was queued).
+        Overloaded
+            The queue is full (``reject``) or stayed full (``wait``).
+        DeadlineExceeded
+            The deadline already passed (or passed while waiting for room).
+        BatcherClosed
+            The batcher no longer accepts requests.
+        """
+        if self._closed:
+            raise BatcherClosed("the batcher is closed: it accepts no new requests")
+        try:
+            arr, feats = self.validate(dense, sparse)
+        except InvalidBatchError:
+            with self._cv:
+                self.counters.invalid += 1
+            raise
+        now = time.monotonic()
+        fut: Future[np.ndarray] = Future()
+        if arr.shape[0] == 0:  # nothing to compute
+            fut.set_running_or_notify_cancel()
+            fut.set_result(np.zeros(0, np.float32))
+            return fut
+        req = _Request(arr, feats, deadline, fut, now, next(self._seq))
+        cfg = self.config
+        with self._cv:
+            while True:
+                if self._closed:
+                    raise BatcherClosed("the batcher is closed: it accepts no new requests")
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    self.counters.deadline_missed += 1
+                    raise DeadlineExceeded("the request's deadline passed before it was queued")
+                fits = self._queued_requests < cfg.max_queue_requests and (
+                    self._queued_samples + req.size <= cfg.max_queue_samples
+                    or self._queued_requests == 0)
+                if fits:
+                    break
+                if cfg.overload == "reject":
+                    self.counters.rejected += 1
+                    raise Overloaded(
+                        f"queue full ({self._queued_requests} requests, {self._queued_samples} "
+                        f"samples waiting; limits {cfg.max_queue_requests} requests, "
+                        f"{cfg.max_queue_samples} samples)")
+                limit = req.t_submit + cfg.wait_timeout_s
+                if deadline is not None:
+                    limit = min(limit, deadline)
+                if now >= limit:
+                    if deadline is not None and now >= deadline:
+                        self.counters.deadline_missed += 1
+                        raise DeadlineExceeded("the request's deadline passed while it waited "
+                                               "for room in the queue")
+                    self.counters.rejected += 1
+                    raise Overloaded(f"queue stayed full for {cfg.wait_timeout_s} s")
+                self._cv.wait(limit - now)
+            self._queue.append(req)
+            self._queued_requests += 1
+            self._queued_samples += req.size
+            self.counters.submitted += 1
+            if deadline is not None:
+                heapq.heappush(self._deadlines, (deadline, req.seq, req))
+            self._cv.notify_all()
+        return fut
+
+    # -- introspection -----------------------------------------------------------
+    @property
+    def queue_depth(self) -> tuple[int, int]:
+        """``(requests, samples)`` waiting."""
+        with self._cv:
+            return self._queued_requests, self._queued_samples
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def snapshot(self) -> dict[str, int]:
+        with self._cv:
+            d = dict(vars(self.counters))
+            d["queue_requests"] = self._queued_requests
+            d["queue_samples"] = self._queued_samples
+            return d
+
+    # -- worker ------------------------------------------------------------------
+    def _take(self, req: _Request) -> None:
+        """Remove ``req`` from the queue's counts (lock held)."""
+        self._queued_requests -= 1
+        self._queued_samples -= req.size
+
+    def _expire_locked(self, now: float) -> list[_Request]:
+        out = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, req = heapq.heappop(self._deadlines)
+            if req.state == _QUEUED:
+                req.state = _DONE
+                self._take(req)
+                self.counters.deadline_missed += 1
+                out.append(req)
+        if out:
+            self._cv.notify_all()
+        return out
+
+    def _fail(self, reqs: list[_Request], exc_type: type[Exception], msg: str,
+              outcome: str) -> None:
+        now = time.monotonic()
+        for r in reqs:
+            if r.future.set_running_or_notify_cancel():
+                r.future.set_exception(exc_type(msg))
+            if self._on_done is not None:
+                self._on_done(outcome, now - r.t_submit)
+
+    def _reap(self) -> None:
+        with self._cv:
+            while not self._stopped:
+                now = time.monotonic()
+                expired = self._expire_locked(now)
+                if expired:
+                    self._cv.release()
+                    try:
+                        self._fail(expired, DeadlineExceeded,
+                                   "the request's deadline passed while it waited in the queue",
+                                   "deadline")
+                    finally:
+                        self._cv.acquire()
+                    continue
+                timeout = self._deadlines[0][0] - now if self._deadlines else None
+                self._cv.wait(timeout)
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Block until a batch is due; pop it (lock held by the caller). None: stop."""
+        cfg = self.config
+        delay = cfg.max_delay_ms / 1e3
+        while True:
+            while self._queue and self._queue[0].state != _QUEUED:
+                self._queue.popleft()  # expired or cancelled entries, already uncounted
+            if not self._queue:
+                if self._closed:
+                    return None
+                self._cv.wait()
+                continue
+            oldest = self._queue[0]
+            due = oldest.t_submit + delay
+            now = time.monotonic()
+            if self._closed or self._queued_samples >= cfg.max_batch_size or now >= due:
+                break
+            self._cv.wait(due - now)
+        batch: list[_Request] = []
+        n = 0
+        while self._queue:
+            r = self._queue[0]
+            if r.state != _QUEUED:
+                self._queue.popleft()
+                continue
+            if batch and n + r.size > cfg.max_batch_size:
+                break
+            self._queue.popleft()
+            self._take(r)
+            r.state = _RUNNING
+            batch.append(r)
+            n += r.size
+            if n >= cfg.max_batch_size:
+                break
+        self._cv.notify_all()  # room for waiting submitters
+        return batch
+
+    def _upcoming_locked(self) -> list[list[_Request]]:
+        """Queued requests not yet announced, grouped as they will likely run."""
+        cfg = self.config
+        groups: list[list[_Request]] = []
+        cur: list[_Request] = []
+        n = 0
+        for r in self._queue:
+            if len(groups) >= cfg.prefetch_batches:
+                break
+            if r.state != _QUEUED:
+                continue
+            if cur and n + r.size > cfg.max_batch_size:
+                groups.append(cur)
+                cur, n = [], 0
+                if len(groups) >= cfg.prefetch_batches:
+                    break
+            cur.append(r)
+            n += r.size
+        if cur and len(groups) < cfg.prefetch_batches:
+            groups.append(cur)
+        out = []
+        for g in groups:
+            fresh = [r for r in g if not r.announced]
+            for r in fresh:
+                r.announced = True
+            if fresh:
+                out.append(fresh)
+        return out
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                batch = self._next_batch()
+                if batch is None:
+                    break
+                upcoming = (self._upcoming_locked()
+                            if self._has_prefetcher and self.config.prefetch_batches else [])
+            now = time.monotonic()
+            live: list[_Request] = []
+            late: list[_Request] = []
+            for r in batch:
+                if r.deadline is not None and now >= r.deadline:
+                    late.append(r)
+                elif r.future.set_running_or_notify_cancel():
+                    live.append(r)
+                else:
+                    with self._cv:
+                        self.counters.cancelled += 1
+                    if self._on_done is not None:
+                        self._on_done("cancelled", now - r.t_submit)
+            if late:
+                with self._cv:
+                    self.counters.deadline_missed += len(late)
+                self._fail(late, DeadlineExceeded,
+                           "the request's deadline passed before it could run", "deadline")
+            for group in upcoming:
+                try:
+                    self.session.prefetch(concat_features([r.sparse for r in group]))
+                    with self._cv:
+                        self.counters.prefetched_batches += 1
+                except Exception:  # a hint only: never fail requests over it
+                    pass
+            if live:
+                self._execute(live)
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+
+    def _execute(self, batch: list[_Request]) -> None:
+        t0 = time.monotonic()
+        try:
+            if len(batch) == 1:
+                preds = self.session.predict(batch[0].dense, batch[0].sparse)
+            else:
+                dense = np.concatenate([r.dense for r in batch])
+                preds = self.session.predict(dense, concat_features([r.sparse for r in batch]))
+        except Exception as e:
+            if len(batch) == 1:
+                self._finish(batch[0], None, e)
+                return
+            # validated requests should not fail together; if they do, find the culprit
+            with self._cv:
+                self.counters.fallbacks += 1
+            for r in batch:
+                try:
+                    self._finish(r, self.session.predict(r.dense, r.sparse), None)
+                except Exception as e1:
+                    self._finish(r, None, e1)
+            return
+        t1 = time.monotonic()
+        n = int(preds.shape[0])
+        with self._cv:
+            self.counters.batches += 1
+            self.counters.samples += n
+        if self._on_batch is not None:
+            self._on_batch(n, len(batch), t1 - t0)
+        start = 0
+        for r in batch:
+            self._finish(r, preds[start:start + r.size].copy(), None)
+            start += r.size
+
+    def _finish(self, r: _Request, preds: np.ndarray | None, exc: BaseException | None) -> None:
+        r.state = _DONE
+        if exc is None:
+            r.future.set_result(preds)  # type: ignore[arg-type]
+        else:
+            r.future.set_exception(exc)
+        with self._cv:
+            if exc is None:
+                self.counters.completed += 1
+            else:
+                self.counters.failed += 1
+        if self._on_done is not None:
+            self._on_done("ok" if exc is None else "error", time.monotonic() - r.t_submit)
+
+    # -- shutdown -----------------------------------------------------------------
+    def close(self, drain: bool = True, timeout: float | None = None) -> bool:
+        """Stop accepting; answer (``drain``) or fail the queued requests; stop the threads.
+
+        Returns True when the worker stopped within ``timeout``.
+        """
+        dropped: list[_Request] = []
+        with self._cv:
+            self._closed = True
+            if not drain:
+                for r in self._queue:
+                    if r.state == _QUEUED:
+                        r.state = _DONE
+                        self._take(r)
+                        dropped.append(r)
+                self._queue.clear()
+                self.counters.cancelled += len(dropped)
+            self._cv.notify_all()
+        if dropped:
+            self._fail(dropped, BatcherClosed, "the batcher was closed without draining",
+                       "cancelled")
+        if threading.current_thread() is self._worker:
+            return False
+        self._worker.join(timeout)
+        with self._cv:
+            self._stopped = True
+            self._cv.notify_all()
+        self._reaper.join(timeout)
+        return not self._worker.is_alive()
+
+    def __enter__(self) -> DynamicBatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

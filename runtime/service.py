@@ -1,0 +1,371 @@
+"""The embeddable serving runtime: dynamic batching, deadlines, readiness, metrics.
+
+    runtime = ServingRuntime(session, ServingConfig(max_batch_size=2048, max_delay_ms=2))
+    preds = runtime.predict(dense, sparse)                  # blocking, thread-safe
+    fut = runtime.submit(dense, sparse, deadline_ms=50)     # concurrent.futures.Future
+    preds = await runtime.predict_async(dense, sparse)      # asyncio
+    runtime.metrics()                                       # counters, histograms, tiers
+    runtime.close()                                         # drain, then stop
+
+Requests of any size are merged by a :class:`~runtime.batcher.DynamicBatcher`
+(see there for the batching, backpressure, deadline and shutdown rules). The
+runtime is *ready* once a small warm-up batch has run (Numba kernels and
+torch compiled) and, if a popularity profile was given, the cache was filled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import functools
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from runtime.batcher import (
+    OVERLOAD_MODES,
+    BatcherClosed,
+    BatcherConfig,
+    DeadlineExceeded,
+    DynamicBatcher,
+    Overloaded,
+)
+from tiermem.errors import ConfigError
+from tiermem.features import SparseFeatures
+
+if TYPE_CHECKING:
+    from runtime.session import InferenceSession
+
+__all__ = [
+    "BatcherClosed",
+    "DeadlineExceeded",
+    "Histogram",
+    "Overloaded",
+    "ServingConfig",
+    "ServingRuntime",
+]
+
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+    0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+"""Upper bounds of the latency histogram (seconds)."""
+BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192,
+                                         16384, 65536)
+"""Upper bounds of the batch-size histogram (samples per predict)."""
+BATCH_REQUEST_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Upper bounds of the requests-per-batch histogram."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How :class:`ServingRuntime` batches, queues and warms up."""
+
+    max_batch_size: int = 2048
+    """Most samples merged into one predict; a larger request runs alone (never split)."""
+    max_delay_ms: float = 2.0
+    """Longest a batch waits for more requests after its oldest arrived."""
+    max_queue_requests: int = 1024
+    """Most requests waiting; beyond, the ``overload`` rule applies."""
+    max_queue_samples: int = 65536
+    """Most samples waiting; beyond, the ``overload`` rule applies."""
+    overload: str = "reject"
+    """Queue full: ``"reject"`` (raise ``Overloaded`` at once) or ``"wait"`` (up to
+    ``wait_timeout_s``, then ``Overloaded``)."""
+    wait_timeout_s: float = 1.0
+    """``overload="wait"``: longest a submit blocks for room."""
+    default_deadline_ms: float | None = None
+    """Deadline of requests that give none (None: no deadline)."""
+    warmup: bool = True
+    """Run a small batch at start (compile kernels) before reporting ready."""
+    prefetch_batches: int = 2
+    """Upcoming batches announced to the session's prefetcher (if it has one)."""
+
+    def __post_init__(self) -> None:
+        if self.overload not in OVERLOAD_MODES:
+            raise ConfigError(f"ServingConfig.overload must be one of {OVERLOAD_MODES}, got "
+                              f"{self.overload!r}")
+        if self.default_deadline_ms is not None and (
+                isinstance(self.default_deadline_ms, bool)
+                or not isinstance(self.default_deadline_ms, (int, float))
+                or not 0 < self.default_deadline_ms < 1e9):
+            raise ConfigError(f"ServingConfig.default_deadline_ms must be None or a number > 0, "
+                              f"got {self.default_deadline_ms!r}")
+        if not isinstance(self.warmup, bool):
+            raise ConfigError(f"ServingConfig.warmup must be a bool, got {self.warmup!r}")
+        try:
+            self.batcher_config()
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("BatcherConfig", "ServingConfig")) from None
+
+    def batcher_config(self) -> BatcherConfig:
+        return BatcherConfig(max_batch_size=self.max_batch_size, max_delay_ms=self.max_delay_ms,
+                             max_queue_requests=self.max_queue_requests,
+                             max_queue_samples=self.max_queue_samples, overload=self.overload,
+                             wait_timeout_s=self.wait_timeout_s,
+                             prefetch_batches=self.prefetch_batches)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ServingConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown ServingConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+
+class Histogram:
+    """A fixed-bucket histogram (Prometheus semantics) plus a window of recent values.
+
+    ``counts[i]`` counts observations ``<= bounds[i]`` (not cumulative; the last
+    entry is +Inf). Quantiles come from the last ``window`` observations.
+    """
+
+    def __init__(self, bounds: Sequence[float], window: int = 20000) -> None:
+        self.bounds = tuple(float(b) for b in bounds)
+        self._counts = [0] * (len(self.bounds) + 1)
+        self._sum = 0.0
+        self._n = 0
+        self._recent: deque[float] = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def observe(self, v: float) -> None:
+        i = bisect.bisect_left(self.bounds, v)
+        with self._lock:
+            self._counts[i] += 1
+            self._sum += v
+            self._n += 1
+            self._recent.append(v)
+
+    def to_dict(self) -> dict[str, Any]:
+        with self._lock:
+            counts = list(self._counts)
+            recent = np.asarray(self._recent, dtype=np.float64)
+            s, n = self._sum, self._n
+        q = (np.percentile(recent, [50, 90, 99, 99.9]).tolist() if recent.size
+             else [float("nan")] * 4)
+        return {"bounds": list(self.bounds), "counts": counts, "sum": s, "count": n,
+                "p50": q[0], "p90": q[1], "p99": q[2], "p999": q[3]}
+
+
+class ServingRuntime:
+    """A thread-safe, batching front of an :class:`InferenceSession`.
+
+    Parameters
+    ----------
+    session : InferenceSession
+        The model; the runtime does not close it unless ``owns_session``.
+    config : ServingConfig, optional
+    warm_profile : mapping of table -> ids, optional
+        Popularity profile to fill the cache with during warm-up (``session.warm``).
+    owns_session : bool
+        Close the session in :meth:`close`.
+    """
+
+    def __init__(self, session: InferenceSession, config: ServingConfig | None = None, *,
+                 warm_profile: Mapping[str, np.ndarray] | None = None,
+                 owns_session: bool = False) -> None:
+        self.session = session
+        self.config = config or ServingConfig()
+        self._owns_session = owns_session
+        self._latency = Histogram(LATENCY_BUCKETS_S)
+        self._batch_size = Histogram(BATCH_SIZE_BUCKETS)
+        self._batch_requests = Histogram(BATCH_REQUEST_BUCKETS)
+        self._batch_seconds = Histogram(LATENCY_BUCKETS_S)
+        self.batcher = DynamicBatcher(session, self.config.batcher_config(),
+                                      on_batch=self._on_batch, on_done=self._on_done)
+        self._ready = threading.Event()
+        self.warmup_error: BaseException | None = None
+        self._closed = False
+        self._started = time.time()
+        self._warm_thread: threading.Thread | None = None
+        if self.config.warmup or warm_profile is not None:
+            self._warm_thread = threading.Thread(target=self._warm, args=(warm_profile,),
+                                                 name="tiermem-warmup", daemon=True)
+            self._warm_thread.start()
+        else:
+            self._ready.set()
+
+    # -- warm-up ---------------------------------------------------------------------
+    def _warm(self, profile: Mapping[str, np.ndarray] | None) -> None:
+        try:
+            if self.config.warmup:
+                d, s = self.example_batch(2)
+                self.session.predict(d, s)
+                self.session.predict(d[:1], _head(s, 1))
+            if profile is not None:
+                self.session.warm(profile)
+            self._ready.set()
+        except BaseException as e:  # noqa: BLE001 - reported via warmup_error / readyz
+            self.warmup_error = e
+
+    def example_batch(self, batch_size: int = 2) -> tuple[np.ndarray, SparseFeatures]:
+        """A valid batch (zeros; id 0 once per table and sample), e.g. for warm-up."""
+        names = self.batcher.table_names
+        dense = np.zeros((batch_size, self.batcher.num_dense), np.float32)
+        T = len(names)
+        sparse = SparseFeatures(names, np.zeros(T * batch_size, np.int64),
+                                np.arange(T * batch_size + 1, dtype=np.int64))
+        return dense, sparse
+
+    @property
+    def ready(self) -> bool:
+        """True once warm-up finished (and the runtime is not closed)."""
+        return self._ready.is_set() and not self._closed
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until ready (or ``timeout``); re-raises a warm-up failure."""
+        t_end = None if timeout is None else time.monotonic() + timeout
+        while not self._ready.is_set():
+            if self.warmup_error is not None:
+                raise self.warmup_error
+            left = None if t_end is None else t_end - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._ready.wait(0.05 if left is None else min(0.05, left))
+        return self.ready
+
+    # -- requests ------------------------------------------------------------------------
+    def _deadline(self, deadline_ms: float | None) -> float | None:
+        ms = self.config.default_deadline_ms if deadline_ms is None else deadline_ms
+        if ms is None:
+            return None
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not ms > 0:
+            raise ConfigError(f"deadline_ms must be a number > 0, got {ms!r}")
+        return time.monotonic() + float(ms) / 1e3
+
+    def submit(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any], *,
+               deadline_ms: float | None = None) -> Future[np.ndarray]:
+        """Queue a request; the Future resolves to its ``(B,)`` float32 predictions.
+
+        Raises ``InvalidBatchError`` (malformed request), :class:`Overloaded`,
+        :class:`DeadlineExceeded` or :class:`BatcherClosed` at once; the Future
+        may fail with :class:`DeadlineExceeded` later.
+        """
+        return self.batcher.submit(dense, sparse, deadline=self._deadline(deadline_ms))
+
+    def predict(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any], *,
+                deadline_ms: float | None = None) -> np.ndarray:
+        """Predictions for one request, blocking until its batch ran."""
+        return self.submit(dense, sparse, deadline_ms=deadline_ms).result()
+
+    async def predict_async(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any], *,
+                            deadline_ms: float | None = None) -> np.ndarray:
+        """:meth:`predict` for asyncio; cancelling the task drops a request not yet running."""
+        if self.config.overload == "wait":  # submit may block: keep the event loop free
+            loop = asyncio.get_running_loop()
+            fut = await loop.run_in_executor(
+                None, functools.partial(self.submit, dense, sparse, deadline_ms=deadline_ms))
+        else:
+            fut = self.submit(dense, sparse, deadline_ms=deadline_ms)
+        return await asyncio.wrap_future(fut)
+
+    # -- metrics ---------------------------------------------------------------------------
+    def _on_batch(self, samples: int, requests: int, seconds: float) -> None:
+        self._batch_size.observe(samples)
+        self._batch_requests.observe(requests)
+        self._batch_seconds.observe(seconds)
+
+    def _on_done(self, outcome: str, seconds: float) -> None:
+        if outcome == "ok":
+            self._latency.observe(seconds)
+
+    def metrics(self) -> dict[str, Any]:
+        """A snapshot: request outcomes, histograms, queue depth, tier and cache figures.
+
+        ``requests``: ``submitted`` (accepted), ``completed``, ``failed``,
+        ``invalid`` (refused on submit), ``rejected`` (overload),
+        ``deadline_missed``, ``cancelled``. ``latency_seconds`` covers completed
+        requests, submit to answer. ``tier`` reports the cold tier's reads and,
+        with a cache, hit rates and the DRAM it holds.
+        """
+        snap = self.batcher.snapshot()
+        req_keys = ("submitted", "completed", "failed", "invalid", "rejected",
+                    "deadline_missed", "cancelled")
+        return {
+            "ready": self.ready,
+            "uptime_s": time.time() - self._started,
+            "requests": {k: snap[k] for k in req_keys},
+            "batches": snap["batches"],
+            "samples": snap["samples"],
+            "fallbacks": snap["fallbacks"],
+            "prefetched_batches": snap["prefetched_batches"],
+            "queue": {"requests": snap["queue_requests"], "samples": snap["queue_samples"]},
+            "latency_seconds": self._latency.to_dict(),
+            "batch_size": self._batch_size.to_dict(),
+            "batch_requests": self._batch_requests.to_dict(),
+            "batch_seconds": self._batch_seconds.to_dict(),
+            "tier": tier_metrics(self.session),
+        }
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def close(self, drain: bool = True, timeout: float | None = 30.0) -> None:
+        """Stop accepting; answer (``drain``) or fail what is queued; stop the worker."""
+        if self._closed:
+            return
+        self._closed = True
+        self.batcher.close(drain=drain, timeout=timeout)
+        if self._warm_thread is not None:
+            self._warm_thread.join(timeout)
+        if self._owns_session:
+            self.session.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> ServingRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def tier_metrics(session: InferenceSession) -> dict[str, Any]:
+    """Reads of the session's tier and, with a cache, its hit rates and DRAM bytes."""
+    tier = session.tier
+    cold = getattr(tier, "cold", tier)
+    kind = getattr(getattr(cold.config, "kind", None), "value", str(cold.config))
+    tot = tier.stats.total()
+    with tier.stats._lock:
+        per_table = {k: (v.cache_hits, v.cache_misses, v.bytes_read)
+                     for k, v in tier.stats.tables.items()}
+    out: dict[str, Any] = {
+        "kind": kind,
+        "batches": tier.stats.batches,
+        "lookups": tot.lookups,
+        "rows_read": tot.rows_read,
+        "bytes_read": tot.bytes_read,
+        "read_ops": tot.read_ops,
+        "read_seconds": tot.read_seconds,
+        "bytes_read_per_table": {k: v[2] for k, v in per_table.items()},
+        "cache": None,
+    }
+    if hasattr(tier, "cache_stats"):
+        cs = tier.cache_stats()
+        out["cache"] = {
+            "hits": tot.cache_hits,
+            "misses": tot.cache_misses,
+            "hit_rate": tot.hit_rate,
+            "lookup_hit_rate": tot.hit_lookups / tot.lookups if tot.lookups else 0.0,
+            "nbytes": int(getattr(tier, "nbytes", 0)),
+            "capacity_rows": int(cs.get("capacity_rows", 0)),
+            "resident_rows": int(sum(v.get("resident", 0) for v in cs.values()
+                                     if isinstance(v, dict) and "resident" in v)),
+            "prefetch": dict(cs.get("prefetch", {})),
+            "hit_rate_per_table": {k: (h / (h + m) if h + m else 0.0)
+                                   for k, (h, m, _) in per_table.items()},
+        }
+    return out
+
+
+def _head(s: SparseFeatures, n: int) -> SparseFeatures:
+    return SparseFeatures.from_tables([(k, ids[: off[n]], off[: n + 1])
+                                       for k, (ids, off, _) in ((k, s.table(k)) for k in s.keys)])

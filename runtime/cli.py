@@ -17,29 +17,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from runtime.argtypes import nonneg_int as _nonneg_int
+from runtime.argtypes import positive_int as _positive_int
 from tiermem.errors import TierMemError
 
 __all__ = ["main"]
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
 
 
 def _table_list(s: str) -> list[tuple[str, int, int]]:

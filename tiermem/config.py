@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Any
 
 from tiermem.errors import ConfigError
 
-__all__ = ["PoolingMode", "TierConfig", "TierKind"]
+__all__ = ["Choice", "PoolingMode", "TierConfig", "TierKind"]
 
 
-class TierKind(str, Enum):
+class Choice(str, Enum):
+    """A string enum whose :meth:`parse` names the valid choices on a bad value."""
+
+    @classmethod
+    def parse(cls, value: Any) -> Any:
+        """The member named ``value`` (case-insensitive); ConfigError listing the choices."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            what = re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()  # TierKind: tier kind
+            raise ConfigError(f"unknown {what} {value!r}; expected one of: "
+                              f"{', '.join(m.value for m in cls)}") from None
+
+
+class TierKind(Choice):
     """Where the rows of the tables are read from."""
 
     DRAM = "dram"
@@ -21,31 +38,12 @@ class TierKind(str, Enum):
     CXL = "cxl"
     """DRAM plus a latency/bandwidth model of a CXL memory expander."""
 
-    @classmethod
-    def parse(cls, value: str | TierKind) -> TierKind:
-        if isinstance(value, TierKind):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            raise ConfigError(f"unknown tier {value!r}; expected one of: "
-                              f"{', '.join(k.value for k in cls)}") from None
 
-
-class PoolingMode(str, Enum):
+class PoolingMode(Choice):
     """How the rows of a bag are combined (torch.nn.EmbeddingBag's ``mode``)."""
 
     SUM = "sum"
     MEAN = "mean"
-
-    @classmethod
-    def parse(cls, value: str | PoolingMode) -> PoolingMode:
-        if isinstance(value, PoolingMode):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            raise ConfigError(f"unknown pooling mode {value!r}; expected 'sum' or 'mean'") from None
 
 
 @dataclass(frozen=True)

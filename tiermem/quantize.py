@@ -7,32 +7,19 @@ level bounds the error of every element by ``scale / 2``.
 
 from __future__ import annotations
 
-from enum import Enum
-
 import numpy as np
 
-from tiermem.errors import ConfigError
+from tiermem.config import Choice
 
 __all__ = ["RowDtype", "dequantize_rows", "quantize_rows"]
 
 
-class RowDtype(str, Enum):
+class RowDtype(Choice):
     """How the rows of a table are stored (on disk and in DRAM)."""
 
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     INT8 = "int8"
-
-    @classmethod
-    def parse(cls, value: str | RowDtype) -> RowDtype:
-        """``RowDtype`` from a name; ConfigError naming the choices otherwise."""
-        if isinstance(value, RowDtype):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            choices = ", ".join(d.value for d in cls)
-            raise ConfigError(f"unknown row dtype {value!r}; expected one of: {choices}") from None
 
     @property
     def numpy(self) -> np.dtype:

@@ -25,19 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from runtime.argtypes import positive_int as _pos_int
 from tiermem.errors import ConfigError, TierMemError
 
 __all__ = ["TRACE_COMMANDS", "add_trace_commands", "main"]
-
-
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def _int_list(s: str) -> list[int]:

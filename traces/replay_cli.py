@@ -25,20 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from runtime.argtypes import nonneg_int as _nonneg_int
 from tiermem.errors import ConfigError, TierMemError
 from traces.cli import _add_source_args, _open_source, _pos_int
 
 __all__ = ["REPLAY_COMMANDS", "add_replay_commands", "main"]
-
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
 
 
 def _fraction(s: str) -> float:

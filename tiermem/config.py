@@ -55,6 +55,8 @@ class TierConfig:
     """Software prefetch distance of the SLS kernel, in lookups (0 = off)."""
     io_threads: int = 64
     """SSD tier: Python threads issuing preads (each in a GIL-free Numba call)."""
+    background_io_threads: int = 16
+    """SSD tier: reads in flight for prefetching, apart from the demand reads."""
     coalesce_gap_bytes: int = 4096
     """SSD tier: merge reads of rows of one chunk file closer than this."""
     max_read_bytes: int = 1 << 20
@@ -70,7 +72,8 @@ class TierConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", TierKind.parse(self.kind))
-        ints = {"prefetch_distance": 0, "io_threads": 1, "coalesce_gap_bytes": 0,
+        ints = {"prefetch_distance": 0, "io_threads": 1, "background_io_threads": 1,
+                "coalesce_gap_bytes": 0,
                 "max_read_bytes": 1, "cxl_outstanding": 1}
         for name, lo in ints.items():
             v = getattr(self, name)

@@ -231,7 +231,7 @@ class CachedTier(Tier):
         return out
 
     def _read_into(self, g: _Group, gids: np.ndarray, w: np.ndarray, q: np.ndarray | None,
-                   stats: dict[str, TableStats] | None) -> None:
+                   stats: dict[str, TableStats] | None, *, background: bool = False) -> None:
         """Read rows of distinct ``gids`` from the cold tier into ``w[k]``/``q[k]``.
 
         All tables' rows go to the cold tier in one request, sorted per table,
@@ -247,7 +247,7 @@ class CachedTier(Tier):
             places.append((i, pos[order]))
             if stats is not None:
                 stats[spec.name].rows_read += pos.size
-        self.cold.read_many(requests, stats)
+        self.cold.read_many(requests, stats, background=background)
         for (_, _, tw, tq), (_, pos) in zip(requests, places, strict=True):
             w[pos] = tw
             if q is not None and tq is not None:
@@ -380,7 +380,7 @@ class CachedTier(Tier):
             w = np.empty((keys.size, g.dim), g.dtype.numpy)
             q = np.empty((keys.size, 2), np.float32) if g.qpool is not None else None
             if keys.size:
-                self._read_into(g, keys, w, q, None)
+                self._read_into(g, keys, w, q, None, background=True)
             with self._cond:
                 g.pool[slots] = w
                 if q is not None and g.qpool is not None:

@@ -152,11 +152,12 @@ class Tier(ABC):
         """read_rows after validation; ``i`` is the table index."""
 
     def read_many(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
-                  stats: dict[str, TableStats] | None = None) -> None:
+                  stats: dict[str, TableStats] | None = None, *, background: bool = False) -> None:
         """Several reads at once: ``(table index, sorted unique rows, w_out, q_out)``.
 
         Tiers that can overlap reads (SSD) issue them all together. ``stats``
         (table name -> counters) receives the bytes and operations spent.
+        ``background`` marks reads nobody waits for yet (prefetch).
         """
         for i, rows, w_out, q_out in requests:
             self._read_rows(i, rows, w_out, q_out)

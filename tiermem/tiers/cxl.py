@@ -59,9 +59,9 @@ class CxlTier(DramTier):
         wait_for(total)
 
     def read_many(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
-                  stats: dict[str, TableStats] | None = None) -> None:
+                  stats: dict[str, TableStats] | None = None, *, background: bool = False) -> None:
         """Copy rows out (for a cache in front), charging the model for them."""
-        super().read_many(requests, stats)
+        super().read_many(requests, stats, background=background)
         total = 0.0
         for i, rows, _, _ in requests:
             spec = self.tables[i].spec

@@ -117,6 +117,8 @@ class SsdTier(Tier):
                 f.close()
             raise
         self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="tiermem-io")
+        self._bg_pool = ThreadPoolExecutor(self.config.background_io_threads,
+                                           thread_name_prefix="tiermem-io-bg")
         self._scratch = threading.local()
 
     # -- reading rows ----------------------------------------------------------
@@ -144,13 +146,18 @@ class SsdTier(Tier):
                 " error: was the store modified or truncated after it was opened?)")
 
     def _read_sorted(self, jobs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
-                     stats: dict[str, TableStats] | None) -> None:
+                     stats: dict[str, TableStats] | None, background: bool = False) -> None:
         """Read sorted unique rows of several tables at once.
 
         ``jobs`` holds ``(table index, rows, w_dst, q_dst)``; destinations are
         C-contiguous ``(len(rows), dim)`` / ``(len(rows), 2)`` arrays.
+        ``background`` reads (prefetch) go through their own, smaller pool of
+        ``background_io_threads``, so they never take more than that share of
+        the device's queue from the reads a running batch waits for.
         """
         c = self.config
+        pool = self._bg_pool if background else self._pool
+        depth = c.background_io_threads if background else c.io_threads
         tasks = []
         t0 = time.perf_counter()
         per_table: list[tuple[str, int, int]] = []
@@ -169,7 +176,7 @@ class SsdTier(Tier):
                 per_table.append((t.name, n_ext, int(plan[2].sum()) * rb))
                 dst8 = dst.reshape(dst.shape[0], -1).view(np.uint8)
                 # split so that all I/O threads get work, but not tiny slices
-                n_jobs = max(1, min(c.io_threads, n_ext // 4))
+                n_jobs = max(1, min(depth, n_ext // 4))
                 bounds = np.linspace(0, n_ext, n_jobs + 1).astype(np.int64)
                 for a, b in zip(bounds[:-1], bounds[1:], strict=True):
                     if b > a:
@@ -177,7 +184,7 @@ class SsdTier(Tier):
         if len(tasks) == 1:
             self._read_job(*tasks[0])
         elif tasks:
-            futures = [self._pool.submit(self._read_job, *task) for task in tasks]
+            futures = [pool.submit(self._read_job, *task) for task in tasks]
             errors = [f.exception() for f in futures]
             for e in errors:
                 if e is not None:
@@ -206,9 +213,9 @@ class SsdTier(Tier):
             np.take(q, inverse, axis=0, out=q_out)
 
     def read_many(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
-                  stats: dict[str, TableStats] | None = None) -> None:
+                  stats: dict[str, TableStats] | None = None, *, background: bool = False) -> None:
         self._read_sorted([(i, np.ascontiguousarray(r, np.int64), w, q)
-                           for i, r, w, q in requests], stats)
+                           for i, r, w, q in requests], stats, background)
 
     # -- pooling -----------------------------------------------------------------
     def _pool_group(self, features: SparseFeatures, tids: list[int], col_base: np.ndarray,
@@ -240,6 +247,7 @@ class SsdTier(Tier):
             return
         super().close()
         self._pool.shutdown(wait=True)
+        self._bg_pool.shutdown(wait=True)
         for f in self._files:
             f.close()
 

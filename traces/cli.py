@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.argtypes import positive_int as _pos_int
-from tiermem.errors import ConfigError, TierMemError
+from tiermem.errors import ConfigError
 
 __all__ = ["TRACE_COMMANDS", "add_trace_commands", "main"]
 
@@ -228,17 +228,10 @@ def add_trace_commands(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point (``python -m traces.cli COMMAND ...``)."""
-    ap = argparse.ArgumentParser(prog="tiermem")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_trace_commands(sub)
-    args = ap.parse_args(argv)
-    try:
-        return int(args.handler(args))
-    except TierMemError as e:
-        print(f"tiermem {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    """``python -m traces.cli COMMAND ...``: the ``tiermem`` command itself."""
+    from runtime.cli import main as tiermem_main
+
+    return tiermem_main(argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.argtypes import nonneg_int as _nonneg_int
-from tiermem.errors import ConfigError, TierMemError
+from tiermem.errors import ConfigError
 from traces.cli import _add_source_args, _open_source, _pos_int
 
 __all__ = ["REPLAY_COMMANDS", "add_replay_commands", "main"]
@@ -250,20 +250,10 @@ def add_replay_commands(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point (``python -m traces.replay_cli COMMAND ...``)."""
-    ap = argparse.ArgumentParser(prog="tiermem")
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    add_replay_commands(sub)
-    args = ap.parse_args(argv)
-    try:
-        return int(args.handler(args))
-    except TierMemError as e:
-        print(f"tiermem {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"tiermem {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    """``python -m traces.replay_cli COMMAND ...``: the ``tiermem`` command itself."""
+    from runtime.cli import main as tiermem_main
+
+    return tiermem_main(argv)
 
 
 if __name__ == "__main__":

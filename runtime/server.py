@@ -60,7 +60,6 @@ import asyncio
 import io
 import json
 import math
-import re
 import signal
 import sys
 import threading
@@ -72,6 +71,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from runtime.batcher import BatcherClosed, DeadlineExceeded, Overloaded
+from tiermem.cache.cache import parse_cache_size
+from tiermem.config import parse_bytes
 from tiermem.errors import ConfigError, InvalidBatchError, TierMemError
 from tiermem.features import SparseFeatures
 
@@ -544,40 +545,19 @@ def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BOD
 
 # -- CLI ----------------------------------------------------------------------------------
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(b|kib|mib|gib|tib|kb|mb|gb|tb|k|m|g|t)?\s*$", re.I)
-_UNITS = {None: 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
-          "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40, "kb": 10**3, "mb": 10**6,
-          "gb": 10**9, "tb": 10**12}
-
-
 def _bytes(s: str) -> int:
-    m = _SIZE_RE.match(s)
-    if not m:
-        raise argparse.ArgumentTypeError(f"expected a size like 1048576, 64MiB or 1GB, got {s!r}")
-    v = int(float(m.group(1)) * _UNITS[m.group(2).lower() if m.group(2) else None])
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a size >= 1 byte, got {s!r}")
-    return v
+    try:
+        return parse_bytes(s)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _cache_size(s: str) -> dict[str, Any]:
-    """``10%`` or ``0.1`` (fraction of the tables), ``100000`` (rows), ``64MiB`` (bytes)."""
-    t = s.strip()
+    """``10%`` or ``0.1`` (share of the tables), ``100000`` (rows), ``64MiB`` (bytes)."""
     try:
-        if t.endswith("%"):
-            return {"capacity_fraction": float(t[:-1]) / 100}
-        if re.fullmatch(r"\d+", t):
-            return {"capacity_rows": int(t)}
-        if re.fullmatch(r"0?\.\d+|1\.0*", t):
-            return {"capacity_fraction": float(t)}
-    except ValueError:
-        pass
-    try:
-        return {"capacity_bytes": _bytes(t)}
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"bad cache size {s!r}: give rows (100000), a fraction (0.1 or 10%) or bytes "
-            "(64MiB)") from None
+        return parse_cache_size(s)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive_float(s: str) -> float:

@@ -9,7 +9,27 @@ from typing import Any
 
 from tiermem.errors import ConfigError
 
-__all__ = ["Choice", "PoolingMode", "TierConfig", "TierKind"]
+__all__ = ["Choice", "PoolingMode", "TierConfig", "TierKind", "parse_bytes"]
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+               "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20,
+               "gib": 1 << 30, "tib": 1 << 40}
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(spec: str) -> int:
+    """``"256MiB"``, ``"2GB"``, ``"1048576"`` -> bytes (k/M/G decimal, KiB/MiB/GiB binary).
+
+    Raises ConfigError for anything else or less than one byte.
+    """
+    m = _BYTES_RE.match(str(spec))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _BYTE_UNITS or (_BYTE_UNITS[unit] == 1 and "." in m.group(1)):
+        raise ConfigError(f"bad size {spec!r}: expected bytes like 1048576, 256MiB or 2GB")
+    n = int(float(m.group(1)) * _BYTE_UNITS[unit])
+    if n < 1:
+        raise ConfigError(f"size {spec!r} must be at least 1 byte")
+    return n
 
 
 class Choice(str, Enum):

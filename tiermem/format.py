@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -627,15 +627,6 @@ def _pread_exact(path: Path, offset: int, view: memoryview) -> None:
             if not n:
                 raise StoreFormatError(f"{path}: unexpected end of file at byte {offset + got}")
             got += n
-
-
-def iter_table_blocks(info: StoreInfo, name: str, block_rows: int = 65536
-                      ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-    """Yield ``(start, weights, qparams)`` blocks of a table in row order."""
-    t = info.table(name)
-    for start in range(0, t.spec.rows, block_rows):
-        w, q = info.read_table(name, slice(start, min(start + block_rows, t.spec.rows)))
-        yield start, w, q
 
 
 def table_specs(items: Iterable[tuple[str, int, int]], dtype: RowDtype | str) -> list[TableSpec]:

@@ -62,9 +62,7 @@ Example::
 from __future__ import annotations
 
 import itertools
-import math
 import os
-import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -73,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tiermem.cache.cache import CacheConfig, CachedTier
+from tiermem.cache.cache import CacheConfig, CachedTier, parse_cache_size
 from tiermem.cache.policy import Policy, hot_keys
 from tiermem.errors import CapacityError, ConfigError, InvalidBatchError
 from tiermem.features import SparseFeatures
@@ -103,52 +101,8 @@ DEFAULT_PINNED_FRACTION = 0.5
 
 OPT = "opt"
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
-          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20,
-          "gib": 1 << 30, "tib": 1 << 40}
-_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*$")
-
-
-# -- sizes ---------------------------------------------------------------------------
-
-def parse_size(spec: str | int | float) -> dict[str, Any]:
-    """A cache size as ``CacheConfig`` keyword arguments.
-
-    ``"5%"`` -> ``{"capacity_fraction": 0.05}``; ``"256MiB"`` / ``"1GB"`` ->
-    ``{"capacity_bytes": ...}``; ``1000`` or ``"1000"`` -> ``{"capacity_rows": 1000}``.
-
-    Raises
-    ------
-    ConfigError
-        Not a size, a percentage outside (0, 100], or a count < 1.
-    """
-    if isinstance(spec, bool):
-        raise ConfigError(f"bad cache size {spec!r}")
-    if isinstance(spec, (int, np.integer)):
-        if spec < 1:
-            raise ConfigError(f"cache size must be >= 1 row, got {spec}")
-        return {"capacity_rows": int(spec)}
-    if isinstance(spec, float):
-        raise ConfigError(f"cache size {spec!r}: give rows (an integer), 'N%' or bytes ('256MiB')")
-    s = str(spec).strip()
-    if s.endswith("%"):
-        try:
-            pct = float(s[:-1])
-        except ValueError:
-            raise ConfigError(f"bad cache size {spec!r}: expected a percentage like '5%'") from None
-        if not 0 < pct <= 100 or math.isnan(pct):
-            raise ConfigError(f"cache size {spec!r} must be in (0%, 100%]")
-        return {"capacity_fraction": pct / 100.0}
-    if s.isdigit():
-        return parse_size(int(s))
-    m = _BYTES_RE.match(s)
-    if m and m.group(2).lower() in _UNITS:
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-        if n < 1:
-            raise ConfigError(f"cache size {spec!r} must be at least 1 byte")
-        return {"capacity_bytes": n}
-    raise ConfigError(f"bad cache size {spec!r}: expected rows ('100000'), a percentage "
-                      "('5%') or bytes ('256MiB', '2GB')")
+# the cache's own size syntax: "5%", rows, or bytes
+parse_size = parse_cache_size
 
 
 def cache_config(policy: str, size: str | int, *, admission: str | None = None,

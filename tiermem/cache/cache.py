@@ -18,6 +18,7 @@ capacity. All counting happens on vectors; nothing loops per id in Python.
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from tiermem.cache.policy import CachePolicy, make_policy
-from tiermem.config import PoolingMode, TierConfig
+from tiermem.config import PoolingMode, TierConfig, parse_bytes
 from tiermem.errors import CapacityError, ConfigError, StoreError
 from tiermem.features import SparseFeatures
 from tiermem.kernels.dedupe import dedupe_first, offset_ids
@@ -33,7 +34,38 @@ from tiermem.quantize import RowDtype
 from tiermem.stats import TableStats
 from tiermem.tiers.base import Tier
 
-__all__ = ["CacheConfig", "CachedTier", "PrefetchCounters"]
+__all__ = ["CacheConfig", "CachedTier", "PrefetchCounters", "parse_cache_size"]
+
+
+def parse_cache_size(spec: str | int) -> dict[str, Any]:
+    """A cache size as :class:`CacheConfig` keyword arguments.
+
+    ``"5%"`` or ``"0.05"`` -> ``{"capacity_fraction": 0.05}``; ``1000`` or
+    ``"1000"`` -> ``{"capacity_rows": 1000}``; ``"256MiB"`` / ``"2GB"`` ->
+    ``{"capacity_bytes": ...}``. ConfigError names the bad value otherwise.
+    """
+    if isinstance(spec, bool) or isinstance(spec, float):
+        raise ConfigError(f"cache size {spec!r}: give rows (an integer), 'N%' or bytes ('256MiB')")
+    if isinstance(spec, (int, np.integer)):
+        if spec < 1:
+            raise ConfigError(f"cache size must be >= 1 row, got {spec}")
+        return {"capacity_rows": int(spec)}
+    s = str(spec).strip()
+    if s.isdigit():
+        return parse_cache_size(int(s))
+    try:
+        if s.endswith("%"):
+            frac = float(s[:-1]) / 100.0
+        elif re.fullmatch(r"0?\.\d+|1\.0*", s):
+            frac = float(s)
+        else:
+            return {"capacity_bytes": parse_bytes(s)}
+    except (ValueError, ConfigError):
+        raise ConfigError(f"bad cache size {spec!r}: expected rows ('100000'), a share of the "
+                          "tables ('5%' or '0.05') or bytes ('256MiB', '2GB')") from None
+    if not 0 < frac <= 1:
+        raise ConfigError(f"cache size {spec!r} must be in (0%, 100%]")
+    return {"capacity_fraction": frac}
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,45 @@ class RuntimeConfig:
         return cls(**d)
 
 
+def batch_features(sparse: SparseFeatures | Mapping[str, Any],
+                   table_names: Sequence[str]) -> SparseFeatures:
+    """A batch's sparse part as :class:`SparseFeatures` in the model's table order."""
+    if isinstance(sparse, Mapping):
+        sparse = SparseFeatures.from_tables(dict(sparse))
+    if not isinstance(sparse, SparseFeatures):
+        raise InvalidBatchError(
+            f"sparse must be SparseFeatures or a mapping of table -> (ids, offsets), got "
+            f"{type(sparse).__name__}")
+    return sparse.select(table_names)
+
+
+def dense_tensor(dense: Any, num_dense: int) -> torch.Tensor:
+    """Validated float32 ``(B, num_dense)`` tensor of a batch's dense features."""
+    if isinstance(dense, torch.Tensor):
+        t = dense.detach()
+    else:
+        arr = np.asarray(dense)
+        if arr.dtype.kind not in "fiu":
+            raise InvalidBatchError(f"dense must be numeric, got dtype {arr.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    if t.dim() != 2 or t.shape[1] != num_dense:
+        raise InvalidBatchError(f"dense must have shape (B, {num_dense}), "
+                                f"got {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise InvalidBatchError("dense features contain NaN or infinity")
+    return t.float()
+
+
+def run_dense(model: DenseDLRM, dense: torch.Tensor, pooled: np.ndarray) -> np.ndarray:
+    """Click probabilities ``(B,)`` from dense features and pooled ``(B, T, D)`` embeddings."""
+    if pooled.shape[0] != dense.shape[0]:
+        raise InvalidBatchError(f"dense has {dense.shape[0]} rows but the sparse features "
+                                f"have batch size {pooled.shape[0]}")
+    with torch.inference_mode():
+        out = model(dense, torch.from_numpy(pooled))
+    return out.numpy().astype(np.float32, copy=False)
+
+
 class InferenceSession:
     """A DLRM model whose embedding tables are served by a tiermem tier.
 
@@ -167,28 +206,10 @@ class InferenceSession:
         return self._mlp(dense_t, self.embed(sparse))
 
     def _features(self, sparse: SparseFeatures | Mapping[str, Any]) -> SparseFeatures:
-        if isinstance(sparse, Mapping):
-            sparse = SparseFeatures.from_tables(dict(sparse))
-        if not isinstance(sparse, SparseFeatures):
-            raise InvalidBatchError(
-                f"sparse must be SparseFeatures or a mapping of table -> (ids, offsets), got "
-                f"{type(sparse).__name__}")
-        return sparse.select(self.table_names)
+        return batch_features(sparse, self.table_names)
 
     def _dense(self, dense: Any) -> torch.Tensor:
-        if isinstance(dense, torch.Tensor):
-            t = dense.detach()
-        else:
-            arr = np.asarray(dense)
-            if arr.dtype.kind not in "fiu":
-                raise InvalidBatchError(f"dense must be numeric, got dtype {arr.dtype}")
-            t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-        if t.dim() != 2 or t.shape[1] != self.dense.config.num_dense:
-            raise InvalidBatchError(f"dense must have shape (B, {self.dense.config.num_dense}), "
-                                    f"got {tuple(t.shape)}")
-        if not torch.isfinite(t).all():
-            raise InvalidBatchError("dense features contain NaN or infinity")
-        return t.float()
+        return dense_tensor(dense, self.dense.config.num_dense)
 
     def prefetch(self, sparse: SparseFeatures | Mapping[str, Any]) -> None:
         """Announce a batch that will run soon: its missing rows are read ahead."""
@@ -247,12 +268,7 @@ class InferenceSession:
         return pooled.reshape(features.batch_size, len(self.table_names), -1)
 
     def _mlp(self, dense: torch.Tensor, pooled: np.ndarray) -> np.ndarray:
-        if pooled.shape[0] != dense.shape[0]:
-            raise InvalidBatchError(f"dense has {dense.shape[0]} rows but the sparse features "
-                                    f"have batch size {pooled.shape[0]}")
-        with torch.inference_mode():
-            out = self.dense(dense, torch.from_numpy(pooled))
-        return out.numpy().astype(np.float32, copy=False)
+        return run_dense(self.dense, dense, pooled)
 
     def warm(self, profile: Mapping[str, np.ndarray]) -> int:
         """Fill the cache from a popularity profile (table -> ids seen); rows loaded."""

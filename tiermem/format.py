@@ -22,6 +22,7 @@ or foreign file is an error at open, never a SIGBUS or garbage later.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -105,6 +106,9 @@ class TableInfo:
     chunk_rows: int
     weight_dir: Path
     qparams_dir: Path | None
+    row_offset: int = 0
+    """Row 0 of this table is row ``row_offset`` of the array on disk: a window
+    (a shard's row range) over a larger stored table; 0 for a whole table."""
 
     @property
     def name(self) -> str:
@@ -112,7 +116,13 @@ class TableInfo:
 
     @property
     def n_chunks(self) -> int:
-        return -(-self.spec.rows // self.chunk_rows)
+        """Chunk files up to the window's last row (all of them for a whole table)."""
+        return -(-(self.row_offset + self.spec.rows) // self.chunk_rows)
+
+    @property
+    def first_chunk(self) -> int:
+        """The chunk file holding the window's first row (0 for a whole table)."""
+        return self.row_offset // self.chunk_rows
 
     def weight_chunk(self, i: int) -> Path:
         return self.weight_dir / "c" / str(i) / "0"
@@ -147,6 +157,29 @@ class StoreInfo:
             if t.name == name:
                 return t
         raise KeyError(f"store {self.path} has no table {name!r}; tables: {self.names}")
+
+    def view(self, windows: Sequence[tuple[str, str, int, int]]) -> StoreInfo:
+        """A store of row windows over this one: ``(new name, table, start, stop)`` each.
+
+        A window is a table of ``stop - start`` rows whose row ``i`` is row
+        ``start + i`` of ``table``; every tier serves it from the same files,
+        nothing is copied. This is how a shard holds its part of a plan.
+        """
+        out = []
+        seen: set[str] = set()
+        for new_name, name, start, stop in windows:
+            t = self.table(name)
+            if t.row_offset:
+                raise StoreError(f"table {name!r} is already a window; view the whole store")
+            if not (0 <= start < stop <= t.spec.rows):
+                raise StoreError(f"window [{start}, {stop}) of table {name!r} is outside its "
+                                 f"{t.spec.rows} rows")
+            if new_name in seen:
+                raise StoreError(f"window name {new_name!r} is used twice")
+            seen.add(new_name)
+            spec = TableSpec(new_name, stop - start, t.spec.dim, t.spec.dtype)
+            out.append(dataclasses.replace(t, spec=spec, row_offset=start))
+        return StoreInfo(self.path, tuple(out), self.attrs)
 
     def read_table(self, name: str, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Read a row range of a table into memory (weights, qparams)."""
@@ -601,6 +634,7 @@ def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> St
 def read_rows_into(t: TableInfo, start: int, stop: int, w: np.ndarray,
                    q: np.ndarray | None, on_bytes: Callable[[int], None] | None = None) -> None:
     """Sequentially read rows ``[start, stop)`` of a table into ``w`` (and ``q``)."""
+    start, stop = start + t.row_offset, stop + t.row_offset
     cr = t.chunk_rows
     rb = t.spec.row_bytes
     wv = memoryview(w.reshape(-1).view(np.uint8))

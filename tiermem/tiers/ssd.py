@@ -57,7 +57,7 @@ class _TableFiles:
         self.weight = np.full(t.n_chunks, -1, np.int32)
         self.qparams = np.full(t.n_chunks, -1, np.int32) if t.qparams_dir is not None else None
         try:
-            for c in range(t.n_chunks):
+            for c in range(t.first_chunk, t.n_chunks):
                 self.weight[c] = self._open(str(t.weight_chunk(c)), direct)
                 if self.qparams is not None:
                     self.qparams[c] = self._open(str(t.qparams_chunk(c)), direct)
@@ -106,7 +106,8 @@ class SsdTier(Tier):
 
     def __init__(self, store: StoreInfo, config: TierConfig | None = None) -> None:
         super().__init__(store, config)
-        need = sum(t.n_chunks * (2 if t.qparams_dir else 1) for t in self.tables) + 256
+        need = sum((t.n_chunks - t.first_chunk) * (2 if t.qparams_dir else 1)
+                   for t in self.tables) + 256
         _raise_nofile_limit(need)
         self._files: list[_TableFiles] = []
         try:
@@ -165,6 +166,8 @@ class SsdTier(Tier):
             if rows.size == 0:
                 continue
             t = self.tables[i]
+            if t.row_offset:  # a window over a larger table: file rows are shifted
+                rows = rows + t.row_offset
             files = self._files[i]
             targets = [(files.weight, t.spec.row_bytes, w_dst)]
             if files.qparams is not None and q_dst is not None:

@@ -1,0 +1,172 @@
+"""One shard: the pieces a plan gives it, served by its own tier, cache and prefetcher.
+
+:class:`EmbeddingShard` is a plain class so it can be run and tested in one
+process; the sharded runtime starts it as a Ray actor (``ray.remote``), one
+process per shard. The shard sees its pieces as tables of a store *view*
+(row windows over the store's files, :meth:`tiermem.format.StoreInfo.view`),
+so a row range is served exactly like a whole table and nothing is copied.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from runtime.distributed.plan import ShardPlan
+from tiermem.config import PoolingMode
+from tiermem.errors import ConfigError
+from tiermem.features import SparseFeatures
+from tiermem.format import open_store
+from tiermem.kernels import threads as kernel_threads
+from tiermem.tiers import open_tier
+
+__all__ = ["EmbeddingShard"]
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class EmbeddingShard:
+    """Serves the pooled embeddings of one shard's pieces.
+
+    ``plan`` is a :class:`ShardPlan` or its dict; ``config`` a
+    :class:`runtime.session.RuntimeConfig` or its dict (tier, cache, prefetch,
+    threads). Pieces are named as in :attr:`Piece.name`; requests list their
+    ids piece by piece in the plan's order for this shard.
+    """
+
+    def __init__(self, store: str | os.PathLike[str], plan: ShardPlan | Mapping[str, Any],
+                 shard: int, config: Any = None) -> None:
+        from runtime.session import RuntimeConfig
+
+        t0 = time.perf_counter()
+        self.plan = plan if isinstance(plan, ShardPlan) else ShardPlan.from_dict(plan)
+        if not 0 <= shard < self.plan.num_shards:
+            raise ConfigError(f"shard {shard} is not in the plan's 0..{self.plan.num_shards - 1}")
+        self.shard = shard
+        if config is None:
+            config = RuntimeConfig()
+        elif isinstance(config, Mapping):
+            config = RuntimeConfig.from_dict(config)
+        self.config = config
+        info = open_store(store)
+        self.plan.check_store(info)
+        self.pieces = self.plan.shard_pieces(shard)
+        self.keys = tuple(p.name for p in self.pieces)
+        self._split = np.array([p.name != p.table for p in self.pieces])
+        self.tier = None
+        self.prefetcher = None
+        if self.pieces:
+            view = info.view([(p.name, p.table, p.row_start, p.row_stop) for p in self.pieces])
+            tier = open_tier(view, config.tier)
+            try:
+                if config.cache is not None:
+                    from tiermem.cache.cache import CachedTier
+
+                    tier = CachedTier(tier, config.cache)
+                if config.prefetch is not None:
+                    from tiermem.cache.prefetch import Prefetcher
+
+                    self.prefetcher = Prefetcher(tier, config.prefetch)  # type: ignore[arg-type]
+            except BaseException:
+                tier.close()
+                raise
+            self.tier = tier
+        self.started = time.time()
+        self.open_seconds = time.perf_counter() - t0
+        self.requests = 0
+        self.lookups = 0
+
+    # -- serving -----------------------------------------------------------
+    def _features(self, values: np.ndarray, lengths: np.ndarray,
+                  weights: np.ndarray | None) -> SparseFeatures:
+        return SparseFeatures.from_lengths(self.keys, values, lengths, weights)
+
+    def pool(self, values: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None,
+             mode: str = "sum") -> np.ndarray:
+        """``(B, pieces * dim)`` float32: per piece, the bag sums (or means of whole tables).
+
+        Row-split pieces are always summed: the router divides a split table's
+        mean by the whole bag's length after adding its pieces.
+        """
+        if self.tier is None:
+            raise ConfigError(f"shard {self.shard} holds no pieces")
+        mode = PoolingMode.parse(mode)
+        f = self._features(values, lengths, weights)
+        self.requests += 1
+        self.lookups += int(f.values.size)
+        with kernel_threads(self.config.num_threads):
+            if mode is PoolingMode.MEAN and self._split.any():
+                return self._pool_mixed(f)
+            return self.tier.pool(f, mode=mode, validate=self.config.validate)
+
+    def _pool_mixed(self, f: SparseFeatures) -> np.ndarray:
+        assert self.tier is not None
+        dims = [p_dim for p_dim in (self.plan.tables[p.table].dim for p in self.pieces)]
+        col = np.concatenate([[0], np.cumsum(dims)])
+        out = np.empty((f.batch_size, int(col[-1])), np.float32)
+        for split, mode in ((True, PoolingMode.SUM), (False, PoolingMode.MEAN)):
+            pos = np.flatnonzero(self._split == split)
+            if pos.size == 0:
+                continue
+            part = self.tier.pool(f.select([self.keys[p] for p in pos]), mode=mode,
+                                  validate=self.config.validate)
+            c = 0
+            for p in pos:
+                out[:, col[p]:col[p + 1]] = part[:, c:c + dims[p]]
+                c += dims[p]
+        return out
+
+    def prefetch(self, values: np.ndarray, lengths: np.ndarray) -> bool:
+        """Announce a batch that will come soon (lookahead): its misses are read ahead."""
+        if self.prefetcher is None:
+            return False
+        self.prefetcher.submit(self._features(values, lengths, None))
+        return True
+
+    def warm(self, profile: Mapping[str, np.ndarray]) -> int:
+        """Fill the cache from ids seen per piece name; rows loaded (0 without a cache)."""
+        warm = getattr(self.tier, "warm", None)
+        return int(warm(dict(profile))) if warm is not None else 0
+
+    # -- introspection -------------------------------------------------------
+    def ready(self) -> dict[str, Any]:
+        """Who and what this shard is (answers once the store is open)."""
+        return {"shard": self.shard, "pid": os.getpid(), "host": os.uname().nodename,
+                "pieces": list(self.keys), "open_seconds": self.open_seconds,
+                "started": self.started}
+
+    def cpu_seconds(self) -> float:
+        return _cpu_seconds()
+
+    def stats(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"shard": self.shard, "pid": os.getpid(),
+                             "requests": self.requests, "lookups": self.lookups,
+                             "cpu_seconds": _cpu_seconds()}
+        if self.tier is not None:
+            d["tier"] = self.tier.stats.to_dict()
+        if self.prefetcher is not None:
+            d["prefetch_dropped_batches"] = self.prefetcher.dropped_batches
+        return d
+
+    def reset_stats(self) -> None:
+        self.requests = 0
+        self.lookups = 0
+        if self.tier is not None:
+            self.tier.stats.reset()
+
+    def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+        if self.tier is not None:
+            self.tier.close()
+            self.tier = None

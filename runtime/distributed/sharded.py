@@ -1,0 +1,338 @@
+"""Sharded inference on Ray: the embedding tables spread over shard actors by a plan.
+
+    batch ─► Router.split_batch ─► shard 0 (Ray actor: tier + cache + prefetcher) ─┐
+                                ─► shard 1 ...                                      ├► merge
+                                ─► shard N-1 ...                                   ─┘   │
+    dense ──────────────────────────────────────────► bottom MLP ─► interaction ─► top MLP
+
+The driver (this process) validates each batch, sends every shard only the
+lookups of the pieces it holds, all shards at once, gathers the pooled parts
+(adding the partial sums of row-split tables) and runs the MLPs in torch.
+Results equal the single-process :class:`runtime.session.InferenceSession`:
+bit for bit for tables placed whole, to float32 rounding for row-split ones
+(their partial sums are added in a different order).
+
+A shard that dies or does not answer in time fails the batches waiting on
+it with :class:`ShardUnavailableError` / :class:`ShardTimeoutError`, never a
+wrong answer; Ray restarts the actor (``ShardOptions.max_restarts``) and
+later batches succeed once it has reopened its store.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime.checkpoint import load_checkpoint
+from runtime.distributed.cluster import connect, import_ray
+from runtime.distributed.cluster import shutdown as ray_shutdown
+from runtime.distributed.plan import ShardPlan, load_plan
+from runtime.distributed.routing import Router, ShardRequest
+from runtime.distributed.shard import EmbeddingShard, _cpu_seconds
+from runtime.model import DenseDLRM
+from runtime.session import RuntimeConfig, batch_features, dense_tensor, run_dense
+from tiermem.errors import ConfigError, TierMemError
+from tiermem.features import SparseFeatures
+from tiermem.format import open_store
+
+__all__ = ["ShardError", "ShardOptions", "ShardTimeoutError", "ShardUnavailableError",
+           "ShardedSession"]
+
+
+class ShardError(TierMemError, RuntimeError):
+    """A shard could not serve its part of a batch."""
+
+
+class ShardUnavailableError(ShardError):
+    """A shard's actor died or is restarting."""
+
+
+class ShardTimeoutError(ShardError, TimeoutError):
+    """A shard did not answer within ``ShardOptions.timeout_s``."""
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """How shard actors are started and waited for."""
+
+    num_cpus: float = 1.0
+    """Ray CPUs reserved per shard actor."""
+    max_restarts: int = -1
+    """How often Ray restarts a dead shard (-1: always)."""
+    timeout_s: float = 30.0
+    """How long a batch waits for a shard before failing."""
+    startup_timeout_s: float = 300.0
+    """How long opening the shards (stores, caches, warm-up) may take."""
+    max_concurrency: int = 4
+    """Threads per shard actor: concurrent batches and prefetch hints."""
+    spread: bool = True
+    """Place shards on different nodes when the cluster has several."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.num_cpus, (int, float)) and self.num_cpus >= 0):
+            raise ConfigError(f"ShardOptions.num_cpus must be >= 0, got {self.num_cpus!r}")
+        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) \
+                or self.max_restarts < -1:
+            raise ConfigError(f"ShardOptions.max_restarts must be -1 or >= 0, got "
+                              f"{self.max_restarts!r}")
+        for name in ("timeout_s", "startup_timeout_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"ShardOptions.{name} must be > 0, got {v!r}")
+        if isinstance(self.max_concurrency, bool) or not isinstance(self.max_concurrency, int) \
+                or self.max_concurrency < 1:
+            raise ConfigError(f"ShardOptions.max_concurrency must be >= 1, got "
+                              f"{self.max_concurrency!r}")
+
+
+class ShardedSession:
+    """A DLRM model whose embedding tables are served by Ray shard actors.
+
+    Build one with :meth:`open` (checkpoint + store + plan); ``predict``,
+    ``embed`` and ``predict_stream`` behave like :class:`InferenceSession`'s.
+    """
+
+    def __init__(self, dense: DenseDLRM, store: str | os.PathLike[str], plan: ShardPlan,
+                 table_names: Iterable[str], config: RuntimeConfig | None = None,
+                 options: ShardOptions | None = None, *, address: str | None = None,
+                 temp_dir: str | os.PathLike[str] | None = None) -> None:
+        self.dense = dense.eval()
+        self.config = config or RuntimeConfig()
+        self.options = options or ShardOptions()
+        self.plan = plan
+        self.table_names = tuple(table_names)
+        cfg = dense.config
+        if len(self.table_names) != cfg.num_tables:
+            raise ConfigError(f"the model has {cfg.num_tables} tables but "
+                              f"{len(self.table_names)} table names were given")
+        self.store = Path(store).resolve()
+        info = open_store(self.store)
+        plan.check_store(info)
+        for name in self.table_names:
+            if name not in plan.tables:
+                raise ConfigError(f"the plan does not place the model's table {name!r}")
+            if plan.tables[name].dim != cfg.embedding_dim:
+                raise ConfigError(f"table {name!r} has dim {plan.tables[name].dim} but the model "
+                                  f"expects {cfg.embedding_dim}")
+        self._rows = [plan.tables[n].rows for n in self.table_names]
+        self.router = Router(plan, self.table_names)
+        self._ray = import_ray()
+        need = int(np.ceil(len(self.router.active_shards) * self.options.num_cpus))
+        self._owns_cluster = connect(address, num_cpus=max(os.cpu_count() or 1, need),
+                                     temp_dir=temp_dir)
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.shard_lookups = np.zeros(plan.num_shards, np.int64)
+        self.request_bytes = 0
+        self.actors: dict[int, Any] = {}
+        self._closed = False
+        try:
+            remote_cls = self._ray.remote(EmbeddingShard)
+            o = self.options
+            for s in self.router.active_shards:
+                self.actors[s] = remote_cls.options(
+                    num_cpus=o.num_cpus, max_restarts=o.max_restarts, max_task_retries=0,
+                    max_concurrency=o.max_concurrency,
+                    scheduling_strategy="SPREAD" if o.spread else "DEFAULT",
+                ).remote(str(self.store), plan.to_dict(), s, self.config.to_dict())
+            self.shard_info = self.wait_ready(self.options.startup_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(cls, model: str | os.PathLike[str], store: str | os.PathLike[str],
+             plan: ShardPlan | str | os.PathLike[str], config: RuntimeConfig | None = None,
+             options: ShardOptions | None = None, *, layout: str = "auto",
+             table_map: Mapping[str, str] | None = None, address: str | None = None,
+             temp_dir: str | os.PathLike[str] | None = None) -> ShardedSession:
+        """Open a checkpoint's dense part here and its tables on the plan's shards."""
+        if not isinstance(plan, ShardPlan):
+            plan = load_plan(plan)
+        ckpt = load_checkpoint(model, layout=layout)
+        names = [(table_map or {}).get(n, n) for n in ckpt.table_names]
+        return cls(ckpt.build_dense(), store, plan, names, config, options, address=address,
+                   temp_dir=temp_dir)
+
+    # -- shards ------------------------------------------------------------------
+    def _tables_of(self, s: int) -> str:
+        names = sorted({p.table for p in self.router.pieces_of(s)})
+        return ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+
+    def _get(self, s: int, ref: Any, deadline: float) -> Any:
+        ray = self._ray
+        exc = ray.exceptions
+        try:
+            return ray.get(ref, timeout=max(deadline - time.monotonic(), 0.001))
+        except exc.GetTimeoutError:
+            raise ShardTimeoutError(
+                f"shard {s} (tables {self._tables_of(s)}) did not answer within "
+                f"{self.options.timeout_s:g} s") from None
+        except exc.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, TierMemError):
+                raise cause from None
+            raise ShardError(f"shard {s} (tables {self._tables_of(s)}) failed: "
+                             f"{cause!r}") from None
+        except (exc.RayActorError, exc.WorkerCrashedError, exc.ObjectLostError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ShardUnavailableError(
+                f"shard {s} (tables {self._tables_of(s)}) is unavailable: {first}"
+                + (" -- Ray is restarting it" if self.options.max_restarts != 0 else "")
+            ) from None
+
+    def wait_ready(self, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """Wait until every shard answers (after start or a restart); their identities."""
+        deadline = time.monotonic() + timeout
+        out = []
+        for s, actor in self.actors.items():
+            while True:
+                try:
+                    out.append(self._get(s, actor.ready.remote(), deadline))
+                    break
+                except ShardUnavailableError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.2)
+                except ShardTimeoutError:
+                    raise ShardTimeoutError(
+                        f"shard {s} (tables {self._tables_of(s)}) was not ready within "
+                        f"{timeout:g} s") from None
+        return out
+
+    # -- inference ---------------------------------------------------------------
+    def _route(self, sparse: SparseFeatures | Mapping[str, Any]
+               ) -> tuple[SparseFeatures, list[ShardRequest]]:
+        f = batch_features(sparse, self.table_names)
+        if self.config.validate:
+            f.validate_ids(self._rows)
+        return f, self.router.split_batch(f)
+
+    def _submit(self, requests: list[ShardRequest]) -> dict[int, Any]:
+        mode = self.config.pooling.value
+        refs = {r.shard: self.actors[r.shard].pool.remote(r.values, r.lengths, r.weights, mode)
+                for r in requests}
+        with self._lock:
+            self.batches += 1
+            for r in requests:
+                self.shard_lookups[r.shard] += r.lookups
+                self.request_bytes += r.nbytes
+        return refs
+
+    def _gather(self, f: SparseFeatures, refs: dict[int, Any]) -> np.ndarray:
+        deadline = time.monotonic() + self.options.timeout_s
+        outs = {s: self._get(s, ref, deadline) for s, ref in refs.items()}
+        return self.router.merge(f, outs, self.config.pooling, self.dense.config.embedding_dim)
+
+    def embed(self, sparse: SparseFeatures | Mapping[str, Any]) -> np.ndarray:
+        """Pooled embeddings ``(B, T, D)`` in the model's table order."""
+        f, reqs = self._route(sparse)
+        return self._gather(f, self._submit(reqs))
+
+    def predict(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any]) -> np.ndarray:
+        """Click probabilities ``(B,)`` float32 for a batch."""
+        d = dense_tensor(dense, self.dense.config.num_dense)
+        return run_dense(self.dense, d, self.embed(sparse))
+
+    def prefetch(self, sparse: SparseFeatures | Mapping[str, Any]) -> None:
+        """Announce a batch that will run soon: each shard reads its misses ahead."""
+        if self.config.prefetch is None:
+            return
+        _, reqs = self._route(sparse)
+        for r in reqs:
+            self.actors[r.shard].prefetch.remote(r.values, r.lengths)
+
+    def predict_stream(self, batches: Iterable[tuple[Any, SparseFeatures | Mapping[str, Any]]],
+                       *, pipeline: bool = True) -> Iterator[np.ndarray]:
+        """Predictions for a stream of batches, in order.
+
+        With ``pipeline`` the shards already pool batch i+1 while the MLPs of
+        batch i run here; with a prefetcher configured, the shards are told of
+        batches up to ``lookahead`` ahead.
+        """
+        ahead = self.config.prefetch.lookahead if self.config.prefetch is not None else 0
+        window: collections.deque[tuple[torch.Tensor, SparseFeatures, list[ShardRequest]]] = \
+            collections.deque()
+        it = iter(batches)
+
+        def pull() -> bool:
+            try:
+                d, s = next(it)
+            except StopIteration:
+                return False
+            f, reqs = self._route(s)
+            window.append((dense_tensor(d, self.dense.config.num_dense), f, reqs))
+            if ahead and len(window) > 2:
+                for r in reqs:
+                    self.actors[r.shard].prefetch.remote(r.values, r.lengths)
+            return True
+
+        while len(window) < (2 if pipeline else 1) + ahead and pull():
+            pass
+        pending = None
+        while window:
+            d, f, reqs = window.popleft()
+            refs = pending if pending is not None else self._submit(reqs)
+            pending = None
+            pull()
+            if pipeline and window:
+                pending = self._submit(window[0][2])
+            yield run_dense(self.dense, d, self._gather(f, refs))
+
+    # -- measurements -----------------------------------------------------------------
+    def cpu_seconds(self) -> dict[str, Any]:
+        """CPU time used so far: this process, each shard process, and their sum."""
+        deadline = time.monotonic() + self.options.timeout_s
+        shards = {s: self._get(s, a.cpu_seconds.remote(), deadline)
+                  for s, a in self.actors.items()}
+        driver = _cpu_seconds()
+        return {"driver": driver, "shards": shards, "total": driver + sum(shards.values())}
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        deadline = time.monotonic() + self.options.timeout_s
+        shards = [self._get(s, a.stats.remote(), deadline) for s, a in self.actors.items()]
+        lk = self.shard_lookups[self.router.active_shards].astype(np.float64)
+        return {"batches": self.batches, "request_bytes": self.request_bytes,
+                "shard_lookups": self.shard_lookups.tolist(),
+                "lookup_balance": float(lk.max() / lk.mean()) if lk.size and lk.mean() else 1.0,
+                "shards": shards}
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.batches = 0
+            self.shard_lookups[:] = 0
+            self.request_bytes = 0
+        deadline = time.monotonic() + self.options.timeout_s
+        for s, a in self.actors.items():
+            self._get(s, a.reset_stats.remote(), deadline)
+
+    # -- lifetime -----------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the shard actors (and the local Ray cluster if this session started it)."""
+        if self._closed:
+            return
+        self._closed = True
+        for a in self.actors.values():
+            try:
+                self._ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.actors = {}
+        if self._owns_cluster:
+            ray_shutdown()
+
+    def __enter__(self) -> ShardedSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

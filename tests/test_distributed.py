@@ -1,0 +1,182 @@
+"""Sharded inference on a real local Ray cluster: equals one process, survives a dead shard.
+
+The cluster is started the way users start it (``ray.init`` through
+:func:`runtime.distributed.cluster.connect`), with its session folder and
+auth token in a temporary folder that is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
+
+from runtime import (  # noqa: E402
+    DLRMConfig,
+    InferenceSession,
+    RuntimeConfig,
+    random_dense,
+    save_dlrm_checkpoint,
+    store_from_checkpoint,
+)
+from runtime.distributed import (  # noqa: E402
+    Piece,
+    ShardedSession,
+    ShardOptions,
+    ShardPlan,
+    ShardTimeoutError,
+    ShardUnavailableError,
+)
+from runtime.distributed.cluster import connect, shutdown  # noqa: E402
+from tests.naive import reference_dlrm_forward  # noqa: E402
+from tiermem import InvalidBatchError, SparseFeatures, TierConfig  # noqa: E402
+from tiermem.cache.cache import CacheConfig  # noqa: E402
+from tiermem.format import open_store  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+ROWS = (300, 41, 1000, 7)
+DIM = 6
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster for this module; HOME and the temp dir point into a folder we remove."""
+    root = tempfile.mkdtemp(prefix="tmray")
+    old_home = os.environ.get("HOME")
+    os.environ["HOME"] = root  # Ray writes ~/.ray/auth_token
+    try:
+        assert connect(num_cpus=4, temp_dir=os.path.join(root, "r"))
+        yield root
+    finally:
+        shutdown()
+        if old_home is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = old_home
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    cfg = DLRMConfig(num_dense=5, embedding_dim=DIM, num_tables=len(ROWS), bottom_mlp=(11, DIM),
+                     top_mlp=(9, 4, 1))
+    rng = np.random.default_rng(3)
+    tables = [rng.standard_normal((r, DIM)).astype(np.float32) for r in ROWS]
+    path = tmp / "m.pt"
+    save_dlrm_checkpoint(path, cfg, tables, random_dense(cfg, seed=5))
+    store = tmp / "s.zarr"
+    store_from_checkpoint(path, store)
+    return path, store, cfg
+
+
+def _batch(names, b, rng, max_pool=5):
+    per = []
+    for name, rows in zip(names, ROWS, strict=True):
+        lengths = rng.integers(0, max_pool + 1, b)
+        ids = rng.integers(0, rows, int(lengths.sum()))
+        per.append((name, ids, np.concatenate([[0], np.cumsum(lengths)])))
+    return SparseFeatures.from_tables(per), per
+
+
+def _plan(store: Path) -> ShardPlan:
+    """Table 2 (1000 rows) split over both shards, the others whole."""
+    specs = {t.name: t.spec for t in open_store(store).tables}
+    names = list(specs)
+    pieces = (Piece(names[0], 0, 300, 0), Piece(names[1], 0, 41, 1),
+              Piece(names[2], 0, 450, 1), Piece(names[2], 450, 1000, 0),
+              Piece(names[3], 0, 7, 1))
+    return ShardPlan(2, specs, pieces, strategy="manual")
+
+
+def test_sharded_equals_single_process(cluster, model) -> None:
+    path, store, cfg = model
+    conf = RuntimeConfig(tier=TierConfig(kind="ssd", io_threads=4),
+                         cache=CacheConfig(capacity_fraction=0.2), num_threads=1)
+    rng = np.random.default_rng(11)
+    with InferenceSession.open(path, store, conf) as single, \
+            ShardedSession.open(path, store, _plan(store), conf) as sharded:
+        assert sorted(i["shard"] for i in sharded.shard_info) == [0, 1]
+        assert all(i["pid"] != os.getpid() for i in sharded.shard_info)
+        names = single.table_names
+        batches = []
+        for b in (1, 17, 64):
+            sparse, per = _batch(names, b, rng)
+            dense = rng.standard_normal((b, cfg.num_dense)).astype(np.float32)
+            batches.append((dense, sparse))
+            got = sharded.predict(dense, sparse)
+            np.testing.assert_allclose(got, single.predict(dense, sparse), rtol=1e-6, atol=1e-7)
+            ref = reference_dlrm_forward(
+                torch.load(path, weights_only=True), "dlrm", torch.from_numpy(dense),
+                [(torch.from_numpy(i), torch.from_numpy(o)) for _, i, o in per]).numpy()
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+            e_sh, e_single = sharded.embed(sparse), single.embed(sparse)
+            for t, name in enumerate(names):  # whole tables: bit for bit
+                if name not in sharded.router.split:
+                    np.testing.assert_array_equal(e_sh[:, t], e_single[:, t])
+        streamed = list(sharded.predict_stream(batches))
+        for (d, s), got in zip(batches, streamed, strict=True):
+            np.testing.assert_allclose(got, single.predict(d, s), rtol=1e-6, atol=1e-7)
+        st = sharded.stats
+        assert st["batches"] >= 9 and sum(st["shard_lookups"]) > 0
+        assert [s["lookups"] for s in st["shards"]] == [st["shard_lookups"][s] for s in (0, 1)]
+        cpu = sharded.cpu_seconds()
+        assert cpu["total"] >= cpu["driver"] > 0 and set(cpu["shards"]) == {0, 1}
+
+
+def test_bad_ids_fail_before_any_shard_is_called(cluster, model) -> None:
+    path, store, _ = model
+    with ShardedSession.open(path, store, _plan(store)) as sharded:
+        names = sharded.table_names
+        bad = SparseFeatures.from_tables({n: ([ROWS[i]] if i == 2 else [0], [0, 1])
+                                          for i, n in enumerate(names)})
+        with pytest.raises(InvalidBatchError, match=f"table '{names[2]}'"):
+            sharded.predict(np.zeros((1, 5), np.float32), bad)
+        assert sharded.batches == 0
+        with pytest.raises(InvalidBatchError, match="dense must have shape"):
+            sharded.predict(np.zeros((1, 4), np.float32), bad)
+
+
+def test_dead_shard_fails_clearly_then_recovers(cluster, model) -> None:
+    path, store, cfg = model
+    rng = np.random.default_rng(5)
+    opts = ShardOptions(timeout_s=60, max_restarts=2)
+    with InferenceSession.open(path, store) as single, \
+            ShardedSession.open(path, store, _plan(store), options=opts) as sharded:
+        sparse, _ = _batch(single.table_names, 8, rng)
+        dense = rng.standard_normal((8, cfg.num_dense)).astype(np.float32)
+        want = single.predict(dense, sparse)
+        np.testing.assert_allclose(sharded.predict(dense, sparse), want, rtol=1e-6)
+        victim = next(i for i in sharded.shard_info if i["shard"] == 1)
+        os.kill(victim["pid"], signal.SIGKILL)
+        # the batch that meets the dead shard fails with a clear error, never a wrong answer
+        deadline = time.monotonic() + 30
+        with pytest.raises(ShardUnavailableError, match="shard 1 .*unavailable"):
+            while time.monotonic() < deadline:  # until Ray has noticed the death
+                got = sharded.predict(dense, sparse)
+                np.testing.assert_allclose(got, want, rtol=1e-6)
+                time.sleep(0.05)
+        info = sharded.wait_ready(timeout=120)  # Ray restarted the actor
+        assert next(i for i in info if i["shard"] == 1)["pid"] != victim["pid"]
+        np.testing.assert_allclose(sharded.predict(dense, sparse), want, rtol=1e-6)
+
+
+def test_slow_shard_times_out(cluster, model) -> None:
+    path, store, cfg = model
+    # the CXL model charges 20 ms per access: a 40-lookup batch takes ~0.8 s per shard
+    conf = RuntimeConfig(tier=TierConfig(kind="cxl", cxl_latency_ns=2e7, cxl_outstanding=1))
+    with ShardedSession.open(path, store, _plan(store), conf,
+                             ShardOptions(timeout_s=0.2)) as sharded:
+        sparse, _ = _batch(sharded.table_names, 10, np.random.default_rng(0), max_pool=2)
+        with pytest.raises(ShardTimeoutError, match=r"did not answer within 0.2 s"):
+            sharded.predict(np.zeros((10, cfg.num_dense), np.float32), sparse)

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,service]'
+	$(PY) -m pip install -q -e '.[test,service,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,7 +25,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
 $(VENV)/.bench: $(STAMP)
-	$(PY) -m pip install -q -e '.[test,service,bench]'
+	$(PY) -m pip install -q -e '.[test,service,ray,bench]'
 	touch $(VENV)/.bench
 
 bench: $(VENV)/.bench

@@ -7,6 +7,7 @@
     tiermem trace-stats / trace-generate / trace-convert   (see traces/cli.py)
     tiermem replay / tune                                  (see traces/replay_cli.py)
     tiermem serve                                          (see runtime/server.py)
+    tiermem plan --store --shards --strategy --out         (see runtime/distributed/plan_cli.py)
 """
 
 from __future__ import annotations
@@ -122,11 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="print tier statistics as JSON")
     _add_tier_args(p)
 
+    from runtime.distributed.plan_cli import add_plan_commands
     from traces.cli import add_trace_commands
     from traces.replay_cli import add_replay_commands
 
     add_trace_commands(sub)
     add_replay_commands(sub)
+    add_plan_commands(sub)
     try:
         from runtime.server import add_serve_commands
     except ImportError:  # the [service] extra is not installed
@@ -199,12 +202,13 @@ _COMMANDS = {"demo": _cmd_demo, "create-store": _cmd_create_store, "info": _cmd_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from runtime.distributed.plan_cli import PLAN_COMMANDS
     from traces.cli import TRACE_COMMANDS
     from traces.replay_cli import REPLAY_COMMANDS
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {**_COMMANDS, **TRACE_COMMANDS, **REPLAY_COMMANDS}
+    commands = {**_COMMANDS, **TRACE_COMMANDS, **REPLAY_COMMANDS, **PLAN_COMMANDS}
     try:
         from runtime.server import SERVE_COMMANDS
     except ImportError:

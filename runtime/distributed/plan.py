@@ -190,6 +190,11 @@ class ShardPlan:
                        for s, (b, lk) in enumerate(zip(self.shard_bytes(),
                                                        self.shard_lookups(), strict=True))],
         }
+        pred = self.meta.get("predicted")
+        us = pred.get("shard_us") if isinstance(pred, Mapping) else None
+        if isinstance(us, Sequence) and len(us) == self.num_shards:
+            for entry, t in zip(d["shards"], us, strict=True):
+                entry["predicted_us"] = t
         for k, v in self.meta.items():
             if k not in d:
                 d[k] = v

@@ -84,6 +84,8 @@ class EmbeddingShard:
         self.open_seconds = time.perf_counter() - t0
         self.requests = 0
         self.lookups = 0
+        self.busy_seconds = 0.0
+        """Wall time spent pooling (from the request's arrival in the actor to its result)."""
 
     # -- serving -----------------------------------------------------------
     def _features(self, values: np.ndarray, lengths: np.ndarray,
@@ -99,14 +101,18 @@ class EmbeddingShard:
         """
         if self.tier is None:
             raise ConfigError(f"shard {self.shard} holds no pieces")
+        t0 = time.perf_counter()
         mode = PoolingMode.parse(mode)
         f = self._features(values, lengths, weights)
-        self.requests += 1
-        self.lookups += int(f.values.size)
         with kernel_threads(self.config.num_threads):
             if mode is PoolingMode.MEAN and self._split.any():
-                return self._pool_mixed(f)
-            return self.tier.pool(f, mode=mode, validate=self.config.validate)
+                out = self._pool_mixed(f)
+            else:
+                out = self.tier.pool(f, mode=mode, validate=self.config.validate)
+        self.requests += 1
+        self.lookups += int(f.values.size)
+        self.busy_seconds += time.perf_counter() - t0
+        return out
 
     def _pool_mixed(self, f: SparseFeatures) -> np.ndarray:
         assert self.tier is not None
@@ -150,6 +156,7 @@ class EmbeddingShard:
     def stats(self) -> dict[str, Any]:
         d: dict[str, Any] = {"shard": self.shard, "pid": os.getpid(),
                              "requests": self.requests, "lookups": self.lookups,
+                             "busy_seconds": self.busy_seconds,
                              "cpu_seconds": _cpu_seconds()}
         if self.tier is not None:
             d["tier"] = self.tier.stats.to_dict()
@@ -160,6 +167,7 @@ class EmbeddingShard:
     def reset_stats(self) -> None:
         self.requests = 0
         self.lookups = 0
+        self.busy_seconds = 0.0
         if self.tier is not None:
             self.tier.stats.reset()
 

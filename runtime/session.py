@@ -120,8 +120,15 @@ def dense_tensor(dense: Any, num_dense: int) -> torch.Tensor:
     return t.float()
 
 
-def run_dense(model: DenseDLRM, dense: torch.Tensor, pooled: np.ndarray) -> np.ndarray:
-    """Click probabilities ``(B,)`` from dense features and pooled ``(B, T, D)`` embeddings."""
+def run_dense(model: DenseDLRM, dense: torch.Tensor, pooled: np.ndarray,
+              num_threads: int | None = None) -> np.ndarray:
+    """Click probabilities ``(B,)`` from dense features and pooled ``(B, T, D)`` embeddings.
+
+    ``num_threads`` is re-applied to torch on every call: Numba's OpenMP layer
+    shares libgomp with torch, and the kernels' thread setting overwrites it.
+    """
+    if num_threads is not None and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
     if pooled.shape[0] != dense.shape[0]:
         raise InvalidBatchError(f"dense has {dense.shape[0]} rows but the sparse features "
                                 f"have batch size {pooled.shape[0]}")
@@ -268,7 +275,7 @@ class InferenceSession:
         return pooled.reshape(features.batch_size, len(self.table_names), -1)
 
     def _mlp(self, dense: torch.Tensor, pooled: np.ndarray) -> np.ndarray:
-        return run_dense(self.dense, dense, pooled)
+        return run_dense(self.dense, dense, pooled, self.config.num_threads)
 
     def warm(self, profile: Mapping[str, np.ndarray]) -> int:
         """Fill the cache from a popularity profile (table -> ids seen); rows loaded."""

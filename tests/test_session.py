@@ -159,3 +159,22 @@ def test_store_missing_model_tables_is_clear(tmp_path):
     create_random_store(other, [TableSpec("x", 10, DIM)])
     with pytest.raises(ConfigError, match="lacks the model's table"):
         InferenceSession.open(path, other)
+
+
+def test_num_threads_holds_for_torch_after_the_kernels_ran(tmp_path):
+    """Numba's OpenMP layer shares libgomp with torch: the kernels' thread setting
+    must not leave the MLPs on another thread count than RuntimeConfig.num_threads."""
+    path, cfg = _model(tmp_path, "dlrm")
+    store = tmp_path / "s.zarr"
+    store_from_checkpoint(path, store)
+    rng = np.random.default_rng(0)
+    before = torch.get_num_threads()
+    try:
+        with InferenceSession.open(path, store, RuntimeConfig(num_threads=1)) as sess:
+            sparse, _ = _batch(sess.table_names, 8, rng)
+            dense = rng.standard_normal((8, cfg.num_dense)).astype(np.float32)
+            for _ in range(2):
+                sess.predict(dense, sparse)
+                assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -241,7 +241,7 @@ class ShardedSession:
     def predict(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any]) -> np.ndarray:
         """Click probabilities ``(B,)`` float32 for a batch."""
         d = dense_tensor(dense, self.dense.config.num_dense)
-        return run_dense(self.dense, d, self.embed(sparse))
+        return run_dense(self.dense, d, self.embed(sparse), self.config.num_threads)
 
     def prefetch(self, sparse: SparseFeatures | Mapping[str, Any]) -> None:
         """Announce a batch that will run soon: each shard reads its misses ahead."""
@@ -286,7 +286,7 @@ class ShardedSession:
             pull()
             if pipeline and window:
                 pending = self._submit(window[0][2])
-            yield run_dense(self.dense, d, self._gather(f, refs))
+            yield run_dense(self.dense, d, self._gather(f, refs), self.config.num_threads)
 
     # -- measurements -----------------------------------------------------------------
     def cpu_seconds(self) -> dict[str, Any]:

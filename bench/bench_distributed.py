@@ -253,6 +253,12 @@ def main() -> None:
         shutdown()
         shutil.rmtree(root, ignore_errors=True)
 
+    single = InferenceSession(dense, open_tier(info, conf.tier), names, conf)
+    again = measure(single, work, args.warm_batches, own_cpu)
+    single.close()
+    print(f"\nsingle process again (noise check): p50 {again['p50_ms']:.2f} ms  p99 "
+          f"{again['p99_ms']:.2f} ms  {again['throughput']:,.0f} samples/s  CPU "
+          f"{again['cpu_ms_per_batch']:.2f} ms/batch (the overheads above use the first run)")
     for n in shard_counts:
         rows = [r for r in results if r["shards"] == n and r["strategy"] != "singular"]
         if rows:

@@ -40,6 +40,7 @@ from runtime.distributed.cluster import connect, shutdown  # noqa: E402
 from tests.naive import reference_dlrm_forward  # noqa: E402
 from tiermem import InvalidBatchError, SparseFeatures, TierConfig  # noqa: E402
 from tiermem.cache.cache import CacheConfig  # noqa: E402
+from tiermem.cache.prefetch import PrefetchConfig  # noqa: E402
 from tiermem.format import open_store  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -102,7 +103,8 @@ def _plan(store: Path) -> ShardPlan:
 def test_sharded_equals_single_process(cluster, model) -> None:
     path, store, cfg = model
     conf = RuntimeConfig(tier=TierConfig(kind="ssd", io_threads=4),
-                         cache=CacheConfig(capacity_fraction=0.2), num_threads=1)
+                         cache=CacheConfig(capacity_fraction=0.2),
+                         prefetch=PrefetchConfig(lookahead=2), num_threads=1)
     rng = np.random.default_rng(11)
     with InferenceSession.open(path, store, conf) as single, \
             ShardedSession.open(path, store, _plan(store), conf) as sharded:
@@ -124,11 +126,20 @@ def test_sharded_equals_single_process(cluster, model) -> None:
             for t, name in enumerate(names):  # whole tables: bit for bit
                 if name not in sharded.router.split:
                     np.testing.assert_array_equal(e_sh[:, t], e_single[:, t])
-        streamed = list(sharded.predict_stream(batches))
-        for (d, s), got in zip(batches, streamed, strict=True):
+        streamed = list(sharded.predict_stream(batches * 3))  # the shards prefetch ahead
+        assert len(streamed) == 3 * len(batches)
+        for (d, s), got in zip(batches * 3, streamed, strict=True):
             np.testing.assert_allclose(got, single.predict(d, s), rtol=1e-6, atol=1e-7)
         st = sharded.stats
-        assert st["batches"] >= 9 and sum(st["shard_lookups"]) > 0
+        assert st["batches"] >= 15 and sum(st["shard_lookups"]) > 0
+        # the shards were told of the batches ahead and read rows for them
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            pre = [s["cache"]["prefetch"] for s in sharded.stats["shards"]]
+            if sum(p["issued"] + p["dropped"] for p in pre) > 0:
+                break
+            time.sleep(0.1)
+        assert sum(p["issued"] + p["dropped"] for p in pre) > 0, pre
         assert [s["lookups"] for s in st["shards"]] == [st["shard_lookups"][s] for s in (0, 1)]
         cpu = sharded.cpu_seconds()
         assert cpu["total"] >= cpu["driver"] > 0 and set(cpu["shards"]) == {0, 1}

@@ -84,6 +84,7 @@ __all__ = [
     "open_trace",
     "rebatch",
     "slice_batch",
+    "sparse_of",
     "write_trace",
 ]
 
@@ -116,6 +117,17 @@ class TraceBatch(NamedTuple):
 
 
 # -- batch surgery ---------------------------------------------------------------------
+
+def sparse_of(batch: Any) -> SparseFeatures:
+    """The sparse part of a :class:`TraceBatch`, or the batch itself if it is sparse already."""
+    if isinstance(batch, SparseFeatures):
+        return batch
+    sp = getattr(batch, "sparse", None)
+    if isinstance(sp, SparseFeatures):
+        return sp
+    raise InvalidBatchError(f"expected TraceBatch or SparseFeatures batches, got "
+                            f"{type(batch).__name__}")
+
 
 def slice_batch(batch: TraceBatch, start: int, stop: int) -> TraceBatch:
     """Samples ``[start, stop)`` of a batch (copies only those samples' ids)."""

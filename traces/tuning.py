@@ -74,8 +74,8 @@ import numpy as np
 from tiermem.cache.cache import CacheConfig, CachedTier, parse_cache_size
 from tiermem.cache.policy import Policy, hot_keys
 from tiermem.errors import CapacityError, ConfigError, InvalidBatchError
-from tiermem.features import SparseFeatures
 from tiermem.kernels.dedupe import dedupe_first, offset_ids
+from traces.formats import sparse_of
 
 if TYPE_CHECKING:
     from tiermem.format import StoreInfo
@@ -263,16 +263,6 @@ class _GroupStream:
     """every global id of the profile batches (repeats count; order irrelevant)."""
 
 
-def _sparse_of(batch: Any) -> SparseFeatures:
-    if isinstance(batch, SparseFeatures):
-        return batch
-    sp = getattr(batch, "sparse", None)
-    if isinstance(sp, SparseFeatures):
-        return sp
-    raise InvalidBatchError(f"expected TraceBatch or SparseFeatures batches, got "
-                            f"{type(batch).__name__}")
-
-
 def _check_keys(keys: Sequence[str], layout: CacheLayout) -> None:
     missing = [k for k in keys if k not in layout.rows]
     if missing:
@@ -303,7 +293,7 @@ def _streams(batches: Iterable[Any], layout: CacheLayout, max_batches: int | Non
     for batch in batches:
         if max_batches is not None and n >= max_batches:
             break
-        sf = _sparse_of(batch)
+        sf = sparse_of(batch)
         if sf.keys != keys0:
             _check_keys(sf.keys, layout)
             keys0 = sf.keys
@@ -564,7 +554,7 @@ def simulate(trace_or_batches: Iterable[Any], table_rows: Any = None,
         first = next(it, None)
         if first is not None:
             source = itertools.chain([first], it)
-            keys = _sparse_of(first).keys
+            keys = sparse_of(first).keys
             rows = [int(r) for r in table_rows]
             if len(keys) != len(rows):
                 raise ConfigError(f"{len(rows)} row counts for {len(keys)} tables {list(keys)}")

@@ -51,8 +51,8 @@ from typing import Any
 import numpy as np
 
 from tiermem.errors import ConfigError, InvalidBatchError
-from tiermem.features import SparseFeatures
 from tiermem.format import TableSpec
+from traces.formats import sparse_of
 
 __all__ = ["TableProfile", "TraceProfile"]
 
@@ -289,16 +289,6 @@ class TableProfile:
         return d
 
 
-def _sparse_of(batch: Any) -> SparseFeatures:
-    if isinstance(batch, SparseFeatures):
-        return batch
-    sp = getattr(batch, "sparse", None)
-    if isinstance(sp, SparseFeatures):
-        return sp
-    raise InvalidBatchError(f"expected TraceBatch or SparseFeatures batches, got "
-                            f"{type(batch).__name__}")
-
-
 @dataclass(frozen=True, eq=False)
 class TraceProfile:
     """Per-table access of a workload, as the planner sees it (module docstring)."""
@@ -353,7 +343,7 @@ class TraceProfile:
         for batch in batches:
             if max_batches is not None and n >= max_batches:
                 break
-            sf = _sparse_of(batch)
+            sf = sparse_of(batch)
             b = sf.batch_size
             for t, key in enumerate(sf.keys):
                 if key not in pend_ids:

@@ -160,6 +160,9 @@ class EmbeddingShard:
                              "cpu_seconds": _cpu_seconds()}
         if self.tier is not None:
             d["tier"] = self.tier.stats.to_dict()
+        cache_stats = getattr(self.tier, "cache_stats", None)
+        if cache_stats is not None:
+            d["cache"] = cache_stats()
         if self.prefetcher is not None:
             d["prefetch_dropped_batches"] = self.prefetcher.dropped_batches
         return d

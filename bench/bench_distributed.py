@@ -155,6 +155,8 @@ def main() -> None:
                     help="shard capacity = factor x store bytes / shards")
     ap.add_argument("--simulate", default="8,16", help="shard counts for the cost model alone")
     ap.add_argument("--threads", type=int, default=1, help="kernel threads per shard")
+    ap.add_argument("--transport", choices=["compiled", "tasks"], default="compiled",
+                    help="ShardOptions.transport: Ray compiled graph, or one task per shard")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dir", default="bench-out")
     args = ap.parse_args()
@@ -213,7 +215,8 @@ def main() -> None:
         print(f"Ray actor round trip here: {rtt:.0f} us; cost model {cost}", flush=True)
         for n in shard_counts:
             cap = int(args.capacity_factor * total / n)
-            print(f"\n== {n} shards, capacity {cap / 2**20:.0f} MiB each (measured) ==")
+            print(f"\n== {n} shards, capacity {cap / 2**20:.0f} MiB each (measured, "
+                  f"{args.transport} transport) ==")
             print(f"{'strategy':<10} {'p50 ms':>7} {'p99 ms':>7} {'p99 ovh':>8} {'samples/s':>10} "
                   f"{'thr ratio':>9} {'CPU ms/b':>9} {'CPU ovh':>8} {'balance':>8} "
                   f"{'pred us':>8} {'split':>5}  shard busy ms/batch", flush=True)
@@ -224,7 +227,8 @@ def main() -> None:
                                  profile, cost)
                 pred = cost.predict(plan, profile)
                 with ShardedSession(dense, store, plan, names, conf,
-                                    ShardOptions(num_cpus=0.5, timeout_s=120)) as sh:
+                                    ShardOptions(num_cpus=0.5, timeout_s=120,
+                                                 transport=args.transport)) as sh:
                     sh.reset_stats()
 
                     def all_cpu(sh: ShardedSession = sh) -> float:

@@ -100,14 +100,16 @@ def _plan(store: Path) -> ShardPlan:
     return ShardPlan(2, specs, pieces, strategy="manual")
 
 
-def test_sharded_equals_single_process(cluster, model) -> None:
+@pytest.mark.parametrize("transport", ["compiled", "tasks"])
+def test_sharded_equals_single_process(cluster, model, transport) -> None:
     path, store, cfg = model
     conf = RuntimeConfig(tier=TierConfig(kind="ssd", io_threads=4),
                          cache=CacheConfig(capacity_fraction=0.2),
                          prefetch=PrefetchConfig(lookahead=2), num_threads=1)
     rng = np.random.default_rng(11)
     with InferenceSession.open(path, store, conf) as single, \
-            ShardedSession.open(path, store, _plan(store), conf) as sharded:
+            ShardedSession.open(path, store, _plan(store), conf,
+                                ShardOptions(transport=transport)) as sharded:
         assert sorted(i["shard"] for i in sharded.shard_info) == [0, 1]
         assert all(i["pid"] != os.getpid() for i in sharded.shard_info)
         names = single.table_names
@@ -158,10 +160,11 @@ def test_bad_ids_fail_before_any_shard_is_called(cluster, model) -> None:
             sharded.predict(np.zeros((1, 4), np.float32), bad)
 
 
-def test_dead_shard_fails_clearly_then_recovers(cluster, model) -> None:
+@pytest.mark.parametrize("transport", ["compiled", "tasks"])
+def test_dead_shard_fails_clearly_then_recovers(cluster, model, transport) -> None:
     path, store, cfg = model
     rng = np.random.default_rng(5)
-    opts = ShardOptions(timeout_s=60, max_restarts=2)
+    opts = ShardOptions(timeout_s=60, max_restarts=2, transport=transport)
     with InferenceSession.open(path, store) as single, \
             ShardedSession.open(path, store, _plan(store), options=opts) as sharded:
         sparse, _ = _batch(single.table_names, 8, rng)
@@ -182,12 +185,13 @@ def test_dead_shard_fails_clearly_then_recovers(cluster, model) -> None:
         np.testing.assert_allclose(sharded.predict(dense, sparse), want, rtol=1e-6)
 
 
-def test_slow_shard_times_out(cluster, model) -> None:
+@pytest.mark.parametrize("transport", ["compiled", "tasks"])
+def test_slow_shard_times_out(cluster, model, transport) -> None:
     path, store, cfg = model
     # the CXL model charges 20 ms per access: a 40-lookup batch takes ~0.8 s per shard
     conf = RuntimeConfig(tier=TierConfig(kind="cxl", cxl_latency_ns=2e7, cxl_outstanding=1))
     with ShardedSession.open(path, store, _plan(store), conf,
-                             ShardOptions(timeout_s=0.2)) as sharded:
+                             ShardOptions(timeout_s=0.2, transport=transport)) as sharded:
         sparse, _ = _batch(sharded.table_names, 10, np.random.default_rng(0), max_pool=2)
-        with pytest.raises(ShardTimeoutError, match=r"did not answer within 0.2 s"):
+        with pytest.raises(ShardTimeoutError, match=r"shard \d .*did not answer within 0.2 s"):
             sharded.predict(np.zeros((10, cfg.num_dense), np.float32), sparse)

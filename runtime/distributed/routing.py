@@ -70,8 +70,6 @@ class Router:
         for t in self._where:
             self._where[t].sort(key=lambda x: x[0].row_start)
         self.split = {t for t, w in self._where.items() if len(w) > 1}
-        self._bounds = {t: np.array([p.row_start for p, _, _ in self._where[t][1:]], np.int64)
-                        for t in self.split}
 
     def pieces_of(self, shard: int) -> list[Piece]:
         return self.shard_pieces[shard]
@@ -79,45 +77,43 @@ class Router:
     def split_batch(self, features: SparseFeatures) -> list[ShardRequest]:
         """One request per active shard (in ``active_shards`` order)."""
         feats = features.select(self.table_names)
+        return [self.request_for(feats, s) for s in self.active_shards]
+
+    def request_for(self, features: SparseFeatures, shard: int) -> ShardRequest:
+        """The lookups of ``shard``'s pieces in a batch (the shard can cut its own part).
+
+        A whole table's ids are passed as they are; for a piece of a row-split
+        table, the ids in its range are kept in order (so every bag keeps its
+        order) and made local (``id - row_start``).
+        """
+        feats = features.select(self.table_names)
         b = feats.batch_size
         lengths_all = feats.lengths
-        # per shard, per piece position: (values, lengths, weights)
-        parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray | None] | None]] = [
-            [None] * len(ps) for ps in self.shard_pieces]
-        for t, name in enumerate(self.table_names):
+        vals, lens, ws = [], [], []
+        bags: dict[int, np.ndarray] = {}
+        for p in self.shard_pieces[shard]:
+            t = self.table_names.index(p.table)
             s0, e0 = feats.table_range(t)
             ids = feats.values[s0:e0]
-            lens = lengths_all[t * b:(t + 1) * b]
+            ln = lengths_all[t * b:(t + 1) * b]
             w = None if feats.weights is None else feats.weights[s0:e0]
-            where = self._where[name]
-            if name not in self.split:
-                _, s, j = where[0]
-                parts[s][j] = (ids, lens, w)
+            if p.table not in self.split:
+                vals.append(ids)
+                lens.append(ln)
+                ws.append(w)
                 continue
-            k = len(where)
-            piece = np.searchsorted(self._bounds[name], ids, side="right")
-            bag = np.repeat(np.arange(b, dtype=np.int64), lens)
-            counts = np.bincount(piece * b + bag, minlength=k * b).reshape(k, b)
-            order = np.argsort(piece, kind="stable")
-            sorted_ids = ids[order]
-            sorted_w = None if w is None else w[order]
-            starts = np.zeros(k + 1, np.int64)
-            np.cumsum(counts.sum(1), out=starts[1:])
-            for m, (p, s, j) in enumerate(where):
-                a, z = int(starts[m]), int(starts[m + 1])
-                local = sorted_ids[a:z] - p.row_start
-                parts[s][j] = (local, counts[m], None if sorted_w is None else sorted_w[a:z])
-        out = []
-        for s in self.active_shards:
-            ps = parts[s]
-            vals = [v for v, _, _ in ps]  # type: ignore[misc]
-            out.append(ShardRequest(
-                s,
-                np.concatenate(vals) if len(vals) > 1 else np.ascontiguousarray(vals[0]),
-                np.concatenate([ln for _, ln, _ in ps]).astype(np.int64, copy=False),  # type: ignore[misc]
-                None if feats.weights is None else np.concatenate([x for _, _, x in ps]),  # type: ignore[misc]
-                b))
-        return out
+            if t not in bags:
+                bags[t] = np.repeat(np.arange(b, dtype=np.int64), ln)
+            keep = (ids >= p.row_start) & (ids < p.row_stop)
+            vals.append(ids[keep] - p.row_start)
+            lens.append(np.bincount(bags[t][keep], minlength=b).astype(np.int64, copy=False))
+            ws.append(None if w is None else w[keep])
+        return ShardRequest(
+            shard,
+            np.concatenate(vals) if len(vals) > 1 else np.ascontiguousarray(vals[0]),
+            np.concatenate(lens).astype(np.int64, copy=False),
+            None if feats.weights is None else np.concatenate(ws),  # type: ignore[arg-type]
+            b)
 
     def merge(self, features: SparseFeatures, shard_outputs: dict[int, np.ndarray],
               mode: PoolingMode, dim: int) -> np.ndarray:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from runtime.distributed.plan import ShardPlan
+from runtime.distributed.routing import Router
 from tiermem.config import PoolingMode
 from tiermem.errors import ConfigError
 from tiermem.features import SparseFeatures
@@ -44,7 +46,8 @@ class EmbeddingShard:
     """
 
     def __init__(self, store: str | os.PathLike[str], plan: ShardPlan | Mapping[str, Any],
-                 shard: int, config: Any = None) -> None:
+                 shard: int, config: Any = None, table_names: Sequence[str] | None = None
+                 ) -> None:
         from runtime.session import RuntimeConfig
 
         t0 = time.perf_counter()
@@ -80,12 +83,17 @@ class EmbeddingShard:
                 tier.close()
                 raise
             self.tier = tier
+        # with the model's table order the shard can cut its own part of a whole batch
+        self.router = Router(self.plan, list(table_names)) if table_names is not None else None
         self.started = time.time()
         self.open_seconds = time.perf_counter() - t0
         self.requests = 0
         self.lookups = 0
         self.busy_seconds = 0.0
         """Wall time spent pooling (from the request's arrival in the actor to its result)."""
+        self._in_flight: dict[int, float] = {}
+        self._count_lock = threading.Lock()
+        self.last_request_seconds = 0.0
 
     # -- serving -----------------------------------------------------------
     def _features(self, values: np.ndarray, lengths: np.ndarray,
@@ -102,6 +110,16 @@ class EmbeddingShard:
         if self.tier is None:
             raise ConfigError(f"shard {self.shard} holds no pieces")
         t0 = time.perf_counter()
+        key = threading.get_ident()
+        self._in_flight[key] = t0
+        try:
+            return self._pool(values, lengths, weights, mode, t0)
+        finally:
+            self._in_flight.pop(key, None)
+
+    def _pool(self, values: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None,
+              mode: str, t0: float) -> np.ndarray:
+        assert self.tier is not None
         mode = PoolingMode.parse(mode)
         f = self._features(values, lengths, weights)
         with kernel_threads(self.config.num_threads):
@@ -109,10 +127,31 @@ class EmbeddingShard:
                 out = self._pool_mixed(f)
             else:
                 out = self.tier.pool(f, mode=mode, validate=self.config.validate)
-        self.requests += 1
-        self.lookups += int(f.values.size)
-        self.busy_seconds += time.perf_counter() - t0
+        with self._count_lock:
+            self.requests += 1
+            self.lookups += int(f.values.size)
+            self.last_request_seconds = time.perf_counter() - t0
+            self.busy_seconds += self.last_request_seconds
         return out
+
+    def pool_batch(self, batch: tuple[Any, ...]) -> np.ndarray:
+        """Pool this shard's part of a whole batch (the broadcast transport).
+
+        ``batch`` = ``(values, offsets, weights, mode, hints)`` of the model's
+        tables in order, ids already validated by the driver; ``hints`` lists
+        ``(values, offsets)`` of batches coming next, handed to the prefetcher.
+        """
+        if self.router is None:
+            raise ConfigError(f"shard {self.shard} was started without the model's table "
+                              "names: it cannot cut its part of a batch")
+        values, offsets, weights, mode, hints = batch
+        keys = self.router.table_names
+        if self.prefetcher is not None:
+            for hv, ho in hints:
+                r = self.router.request_for(SparseFeatures(keys, hv, ho), self.shard)
+                self.prefetcher.submit(self._features(r.values, r.lengths, None))
+        r = self.router.request_for(SparseFeatures(keys, values, offsets, weights), self.shard)
+        return self.pool(r.values, r.lengths, r.weights, mode)
 
     def _pool_mixed(self, f: SparseFeatures) -> np.ndarray:
         assert self.tier is not None
@@ -146,9 +185,13 @@ class EmbeddingShard:
     # -- introspection -------------------------------------------------------
     def ready(self) -> dict[str, Any]:
         """Who and what this shard is (answers once the store is open)."""
+        now = time.perf_counter()
         return {"shard": self.shard, "pid": os.getpid(), "host": os.uname().nodename,
                 "pieces": list(self.keys), "open_seconds": self.open_seconds,
-                "started": self.started}
+                "started": self.started,
+                "busy_seconds_now": max((now - t for t in list(self._in_flight.values())),
+                                        default=0.0),
+                "last_request_seconds": self.last_request_seconds}
 
     def cpu_seconds(self) -> float:
         return _cpu_seconds()

@@ -32,6 +32,22 @@ def parse_bytes(spec: str) -> int:
     return n
 
 
+def parse_share_or_bytes(spec: str) -> tuple[str, float]:
+    """``"30%"``/``"0.3"`` -> ``("share", 0.3)``; ``"2GiB"``/``"1048576"`` -> ``("bytes", n)``.
+
+    The common form of sizes given either as a share of something or in bytes.
+    ValueError/ConfigError for anything else; callers check the share's range.
+    """
+    s = str(spec).strip()
+    if s.endswith("%"):
+        share = float(s[:-1]) / 100.0
+    elif re.fullmatch(r"0?\.\d+|1\.0*", s):
+        share = float(s)
+    else:
+        return "bytes", parse_bytes(s)
+    return "share", share
+
+
 class Choice(str, Enum):
     """A string enum whose :meth:`parse` names the valid choices on a bad value."""
 

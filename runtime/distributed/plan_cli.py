@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,24 +43,18 @@ __all__ = ["PLAN_COMMANDS", "add_plan_commands", "parse_capacity"]
 def parse_capacity(spec: str | None, store_bytes: int) -> int | None:
     """``"2GiB"``/``"1500000000"`` -> bytes; ``"30%"``/``"0.3"`` -> that share of the store's
     bytes (rounded up); None -> None (no limit)."""
-    from tiermem.config import parse_bytes
+    from tiermem.config import parse_share_or_bytes
 
     if spec is None:
         return None
-    s = str(spec).strip()
     try:
-        if s.endswith("%"):
-            frac = float(s[:-1]) / 100.0
-        elif re.fullmatch(r"0?\.\d+|1\.0*", s):
-            frac = float(s)
-        else:
-            return parse_bytes(s)
+        kind, value = parse_share_or_bytes(spec)
     except (ValueError, ConfigError):
         raise ConfigError(f"bad --capacity {spec!r}: expected bytes per shard ('2GiB', "
                           "'1500000000') or a share of the store ('30%', '0.3')") from None
-    if not 0 < frac <= 1:
+    if kind == "share" and not 0 < value <= 1:
         raise ConfigError(f"--capacity {spec!r}: a share of the store must be in (0%, 100%]")
-    return max(1, math.ceil(frac * store_bytes))
+    return int(value) if kind == "bytes" else max(1, math.ceil(value * store_bytes))
 
 
 def _fmt_bytes(n: float) -> str:

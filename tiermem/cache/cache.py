@@ -18,7 +18,6 @@ capacity. All counting happens on vectors; nothing loops per id in Python.
 
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from tiermem.cache.policy import CachePolicy, make_policy
-from tiermem.config import PoolingMode, TierConfig, parse_bytes
+from tiermem.config import PoolingMode, TierConfig, parse_share_or_bytes
 from tiermem.errors import CapacityError, ConfigError, StoreError
 from tiermem.features import SparseFeatures
 from tiermem.kernels.dedupe import dedupe_first, offset_ids
@@ -54,18 +53,13 @@ def parse_cache_size(spec: str | int) -> dict[str, Any]:
     if s.isdigit():
         return parse_cache_size(int(s))
     try:
-        if s.endswith("%"):
-            frac = float(s[:-1]) / 100.0
-        elif re.fullmatch(r"0?\.\d+|1\.0*", s):
-            frac = float(s)
-        else:
-            return {"capacity_bytes": parse_bytes(s)}
+        kind, value = parse_share_or_bytes(s)
     except (ValueError, ConfigError):
         raise ConfigError(f"bad cache size {spec!r}: expected rows ('100000'), a share of the "
                           "tables ('5%' or '0.05') or bytes ('256MiB', '2GB')") from None
-    if not 0 < frac <= 1:
+    if kind == "share" and not 0 < value <= 1:
         raise ConfigError(f"cache size {spec!r} must be in (0%, 100%]")
-    return {"capacity_fraction": frac}
+    return {"capacity_fraction": value} if kind == "share" else {"capacity_bytes": int(value)}
 
 
 @dataclass(frozen=True)

@@ -208,3 +208,26 @@ def test_pipeline_and_prefetch_equal_serial_predict(tmp_path):
             np.testing.assert_array_equal(e, g)
     with pytest.raises(ConfigError, match="prefetch needs a cache"):
         RuntimeConfig(prefetch=PrefetchConfig())
+
+
+@pytest.mark.parametrize("spec,want", [
+    ("5%", {"capacity_fraction": 0.05}), ("0.25", {"capacity_fraction": 0.25}),
+    ("1.0", {"capacity_fraction": 1.0}), ("256MiB", {"capacity_bytes": 256 << 20}),
+    ("2GB", {"capacity_bytes": 2_000_000_000}), ("1000", {"capacity_rows": 1000}),
+    (1000, {"capacity_rows": 1000}),
+])
+def test_parse_cache_size(spec, want) -> None:
+    from tiermem.cache.cache import parse_cache_size
+
+    assert parse_cache_size(spec) == want
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("150%", "must be in"), ("0%", "must be in"), ("lots", "bad cache size"), ("-5MiB", "bad"),
+    (0, ">= 1 row"), (0.5, "give rows"),
+])
+def test_parse_cache_size_errors(spec, msg) -> None:
+    from tiermem.cache.cache import parse_cache_size
+
+    with pytest.raises(ConfigError, match=msg):
+        parse_cache_size(spec)

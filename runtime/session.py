@@ -107,17 +107,23 @@ def dense_tensor(dense: Any, num_dense: int) -> torch.Tensor:
     """Validated float32 ``(B, num_dense)`` tensor of a batch's dense features."""
     if isinstance(dense, torch.Tensor):
         t = dense.detach()
-    else:
-        arr = np.asarray(dense)
-        if arr.dtype.kind not in "fiu":
-            raise InvalidBatchError(f"dense must be numeric, got dtype {arr.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    if t.dim() != 2 or t.shape[1] != num_dense:
-        raise InvalidBatchError(f"dense must have shape (B, {num_dense}), "
-                                f"got {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
+        if t.dim() != 2 or t.shape[1] != num_dense:
+            raise InvalidBatchError(f"dense must have shape (B, {num_dense}), "
+                                    f"got {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise InvalidBatchError("dense features contain NaN or infinity")
+        return t.float()
+    # numpy input is checked in numpy: no torch op, so a serving thread does not give the
+    # GIL away (and wait to get it back) for a validation
+    arr = np.asarray(dense)
+    if arr.dtype.kind not in "fiu":
+        raise InvalidBatchError(f"dense must be numeric, got dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape[1] != num_dense:
+        raise InvalidBatchError(f"dense must have shape (B, {num_dense}), got {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
         raise InvalidBatchError("dense features contain NaN or infinity")
-    return t.float()
+    return torch.from_numpy(arr)
 
 
 def run_dense(model: DenseDLRM, dense: torch.Tensor, pooled: np.ndarray,

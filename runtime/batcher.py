@@ -238,9 +238,9 @@ class DynamicBatcher:
         self._on_done = on_done
         self.table_names = tuple(session.table_names)
         self.num_dense = int(session.dense.config.num_dense)
-        tier = session.tier
-        self._rows = {n: int(tier.tables[tier.table_index(n)].spec.rows) for n in self.table_names}
-        self._has_prefetcher = getattr(session, "prefetcher", None) is not None
+        rows = session.table_rows
+        self._rows = {n: int(rows[n]) for n in self.table_names}
+        self._has_prefetcher = bool(session.prefetch_enabled)
         self._queue: deque[_Request] = deque()
         self._queued_requests = 0
         self._queued_samples = 0

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["auto", "dlrm", "torchrec"], default="auto")
     p.add_argument("--stats", action="store_true", help="print tier statistics as JSON")
     _add_tier_args(p)
+    from runtime.distributed.plan_cli import add_shard_args
+
+    add_shard_args(p)
 
     from runtime.distributed.plan_cli import add_plan_commands
     from traces.cli import add_trace_commands
@@ -184,10 +187,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from runtime.batchfile import load_batch, write_predictions
-    from runtime.session import InferenceSession, RuntimeConfig
+    from runtime.distributed.plan_cli import open_session
+    from runtime.session import RuntimeConfig
 
     cfg = RuntimeConfig(tier=_tier_config(args), num_threads=args.threads)
-    with InferenceSession.open(args.model, args.store, cfg, layout=args.layout) as sess:
+    with open_session(args, cfg) as sess:
         dense, sparse = load_batch(args.batch, sess.table_names)
         preds = sess.predict(dense, sparse)
         write_predictions(args.out, preds)

@@ -590,6 +590,9 @@ def _configure_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=_nonneg_int, default=8000,
                    help="port (default 8000; 0 picks a free one)")
     _add_tier_args(p)
+    from runtime.distributed.plan_cli import add_shard_args
+
+    add_shard_args(p)
     c = p.add_argument_group("cache")
     c.add_argument("--cache-size", type=_cache_size, default=None,
                    help="DRAM row cache in front of an ssd/cxl tier: rows (100000), a fraction "
@@ -632,8 +635,9 @@ def add_serve_commands(subparsers: Any) -> None:
 def build_runtime(args: argparse.Namespace) -> ServingRuntime:
     """The session and serving runtime the ``serve`` options describe."""
     from runtime.cli import _tier_config
+    from runtime.distributed.plan_cli import open_session
     from runtime.service import ServingConfig, ServingRuntime
-    from runtime.session import InferenceSession, RuntimeConfig
+    from runtime.session import RuntimeConfig
 
     cache = prefetch = None
     if args.cache_size is not None:
@@ -653,7 +657,7 @@ def build_runtime(args: argparse.Namespace) -> ServingRuntime:
                          default_deadline_ms=args.default_deadline_ms,
                          warmup=not args.no_warmup,
                          prefetch_batches=max(args.prefetch_lookahead, 1))
-    session = InferenceSession.open(args.model, args.store, cfg, layout=args.layout)
+    session = open_session(args, cfg)
     try:
         return ServingRuntime(session, scfg, owns_session=True)
     except BaseException:

@@ -329,7 +329,13 @@ class ServingRuntime:
 
 
 def tier_metrics(session: InferenceSession) -> dict[str, Any]:
-    """Reads of the session's tier and, with a cache, its hit rates and DRAM bytes."""
+    """Reads of the session's tier and, with a cache, its hit rates and DRAM bytes.
+
+    A session without one local tier (sharded) reports its own (``tier_metrics()``).
+    """
+    own = getattr(session, "tier_metrics", None)
+    if own is not None:
+        return own()
     tier = session.tier
     cold = getattr(tier, "cold", tier)
     kind = getattr(getattr(cold.config, "kind", None), "value", str(cold.config))

@@ -290,6 +290,16 @@ class InferenceSession:
 
     # -- lifetime ------------------------------------------------------------
     @property
+    def table_rows(self) -> dict[str, int]:
+        """Rows of each of the model's tables (valid ids are ``0 .. rows - 1``)."""
+        return dict(zip(self.table_names, self._rows, strict=True))
+
+    @property
+    def prefetch_enabled(self) -> bool:
+        """Whether :meth:`prefetch` reads ahead (a prefetcher is configured)."""
+        return self.prefetcher is not None
+
+    @property
     def stats(self) -> dict[str, Any]:
         return self.tier.stats.to_dict()
 

@@ -195,3 +195,67 @@ def test_slow_shard_times_out(cluster, model, transport) -> None:
         sparse, _ = _batch(sharded.table_names, 10, np.random.default_rng(0), max_pool=2)
         with pytest.raises(ShardTimeoutError, match=r"shard \d .*did not answer within 0.2 s"):
             sharded.predict(np.zeros((10, cfg.num_dense), np.float32), sparse)
+
+
+def test_serving_runtime_over_shards(cluster, model) -> None:
+    """The embeddable serving runtime (dynamic batching, threads) over a sharded session."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime.service import ServingConfig, ServingRuntime
+
+    path, store, cfg = model
+    conf = RuntimeConfig(tier=TierConfig(kind="ssd", io_threads=4),
+                         cache=CacheConfig(capacity_fraction=0.3),
+                         prefetch=PrefetchConfig(lookahead=2))
+    rng = np.random.default_rng(8)
+    with InferenceSession.open(path, store, conf) as single:
+        names = single.table_names
+        reqs = []
+        for b in rng.integers(1, 9, 24):
+            sparse, _ = _batch(names, int(b), rng)
+            reqs.append((rng.standard_normal((int(b), cfg.num_dense)).astype(np.float32),
+                         sparse))
+        want = [single.predict(d, s) for d, s in reqs]
+    sharded = ShardedSession.open(path, store, _plan(store), conf)
+    profile = {names[2]: np.arange(0, 1000, 7), names[0]: np.arange(50)}
+    with ServingRuntime(sharded, ServingConfig(max_batch_size=64, max_delay_ms=5),
+                        warm_profile=profile, owns_session=True) as rt:
+        assert rt.wait_ready(120)
+        with ThreadPoolExecutor(6) as ex:
+            got = list(ex.map(lambda r: rt.predict(*r), reqs))
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+        m = rt.metrics()
+        assert m["requests"]["completed"] == len(reqs)
+        tier = m["tier"]
+        assert tier["shards"] == 2 and tier["lookups"] > 0
+        assert set(tier["bytes_read_per_table"]) <= set(names)
+        assert tier["cache"]["resident_rows"] > 0  # warmed, then filled by the batches
+
+
+def test_cli_predict_with_a_plan(cluster, model, tmp_path) -> None:
+    """`tiermem plan` then `tiermem predict --plan`: the same predictions as without."""
+    from runtime.batchfile import save_batch
+    from runtime.cli import main
+
+    path, store, cfg = model
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--store", str(store), "--shards", "2", "--capacity", "60%",
+                 "--strategy", "load", "--out", str(plan)]) == 0
+    rng = np.random.default_rng(4)
+    names = [t.name for t in open_store(store).tables]
+    sparse, _ = _batch(names, 11, rng)
+    batch = tmp_path / "b.npz"
+    save_batch(batch, rng.standard_normal((11, cfg.num_dense)).astype(np.float32), sparse)
+    outs = []
+    for extra in ([], ["--plan", str(plan), "--transport", "tasks"], ["--plan", str(plan)]):
+        out = tmp_path / f"p{len(outs)}.npy"
+        assert main(["predict", "--model", str(path), "--store", str(store), "--batch",
+                     str(batch), "--out", str(out), *extra]) == 0
+        outs.append(np.load(out))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(outs[2], outs[0], rtol=1e-6, atol=1e-7)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "something-else"}')
+    assert main(["predict", "--model", str(path), "--store", str(store), "--batch", str(batch),
+                 "--out", str(tmp_path / "x.npy"), "--plan", str(bad)]) == 2

@@ -37,7 +37,8 @@ from typing import Any
 from runtime.argtypes import positive_int as _pos_int
 from tiermem.errors import CapacityError, ConfigError
 
-__all__ = ["PLAN_COMMANDS", "add_plan_commands", "parse_capacity"]
+__all__ = ["PLAN_COMMANDS", "add_plan_commands", "add_shard_args", "open_session",
+           "parse_capacity"]
 
 
 def parse_capacity(spec: str | None, store_bytes: int) -> int | None:
@@ -275,6 +276,37 @@ def add_plan_commands(subparsers: Any) -> None:
     c.add_argument("--cost-network-gbytes-per-s", type=_nonneg_float, default=None,
                    help="request/reply bandwidth, GB/s (default 1)")
     p.set_defaults(handler=cmd_plan)
+
+
+def add_shard_args(p: argparse.ArgumentParser) -> None:
+    """``--plan`` and the Ray options of commands that can run a model sharded."""
+    g = p.add_argument_group("scale-out on Ray (with --plan)")
+    g.add_argument("--plan", default=None, metavar="PLAN.json",
+                   help="serve the tables from Ray shard actors placed by this plan "
+                   "(tiermem plan); default: this process alone")
+    g.add_argument("--ray-address", default=None,
+                   help="an existing Ray cluster ('auto', HOST:6379, ray://HOST:10001); "
+                   "default: start a local one")
+    g.add_argument("--shard-timeout-s", type=_nonneg_float, default=30.0,
+                   help="how long a batch waits for a shard (default 30)")
+    g.add_argument("--transport", choices=["compiled", "tasks"], default="compiled",
+                   help="Ray compiled graph (default) or one Ray task per shard")
+
+
+def open_session(args: argparse.Namespace, config: Any) -> Any:
+    """An InferenceSession, or a ShardedSession when ``--plan`` is given."""
+    if getattr(args, "plan", None):
+        from runtime.distributed.sharded import ShardedSession, ShardOptions
+
+        if not args.shard_timeout_s > 0:
+            raise ConfigError("--shard-timeout-s must be > 0")
+        return ShardedSession.open(args.model, args.store, args.plan, config,
+                                   ShardOptions(timeout_s=args.shard_timeout_s,
+                                                transport=args.transport),
+                                   layout=args.layout, address=args.ray_address)
+    from runtime.session import InferenceSession
+
+    return InferenceSession.open(args.model, args.store, config, layout=args.layout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -206,6 +206,7 @@ class EmbeddingShard:
         cache_stats = getattr(self.tier, "cache_stats", None)
         if cache_stats is not None:
             d["cache"] = cache_stats()
+            d["cache_nbytes"] = int(getattr(self.tier, "nbytes", 0))
         if self.prefetcher is not None:
             d["prefetch_dropped_batches"] = self.prefetcher.dropped_batches
         return d

@@ -373,6 +373,82 @@ class ShardedSession:
         d = dense_tensor(dense, self.dense.config.num_dense)
         return run_dense(self.dense, d, self.embed(sparse), self.config.num_threads)
 
+    @property
+    def table_rows(self) -> dict[str, int]:
+        """Rows of each of the model's tables (valid ids are ``0 .. rows - 1``)."""
+        return dict(zip(self.table_names, self._rows, strict=True))
+
+    @property
+    def prefetch_enabled(self) -> bool:
+        """Whether :meth:`prefetch` reads ahead (the shards have prefetchers)."""
+        return self.config.prefetch is not None
+
+    def warm(self, profile: Mapping[str, np.ndarray]) -> int:
+        """Fill the shards' caches from a popularity profile (table -> ids seen); rows loaded."""
+        per_shard: dict[int, dict[str, np.ndarray]] = {}
+        for table, ids in profile.items():
+            if table not in self.plan.tables:
+                raise ConfigError(f"warm-up profile names table {table!r}, which the plan "
+                                  f"does not place")
+            ids = np.asarray(ids, np.int64).reshape(-1)
+            for p in self.plan.table_pieces(table):
+                if p.shard not in self.actors:
+                    continue
+                local = ids[(ids >= p.row_start) & (ids < p.row_stop)] - p.row_start
+                per_shard.setdefault(p.shard, {})[p.name] = local
+        deadline = time.monotonic() + self.options.startup_timeout_s
+        refs = {s: self.actors[s].warm.remote(prof) for s, prof in per_shard.items()}
+        return int(sum(self._get(s, r, deadline) for s, r in refs.items()))
+
+    def tier_metrics(self) -> dict[str, Any]:
+        """The serving runtime's tier figures, summed over the shards (per table, the
+        pieces of a row-split table added up)."""
+        shards = self.stats["shards"]
+        tot: dict[str, float] = collections.defaultdict(float)
+        per_table: dict[str, list[float]] = {}
+        batches, nbytes = 0, 0
+        caches = [st["cache"] for st in shards if "cache" in st]
+        for st in shards:
+            tier = st.get("tier", {})
+            batches = max(batches, int(tier.get("batches", 0)))
+            for piece, t in tier.get("tables", {}).items():
+                table = piece.split(".rows-", 1)[0] if ".rows-" in piece else piece
+                acc = per_table.setdefault(table, [0.0, 0.0, 0.0])
+                acc[0] += t.get("cache_hits", 0)
+                acc[1] += t.get("cache_misses", 0)
+                acc[2] += t.get("bytes_read", 0)
+                for k in ("lookups", "rows_read", "bytes_read", "read_ops", "read_seconds",
+                          "cache_hits", "cache_misses", "hit_lookups"):
+                    tot[k] += t.get(k, 0)
+            nbytes += int(st.get("cache_nbytes", 0))
+        out: dict[str, Any] = {
+            "kind": self.config.tier.kind.value, "batches": batches,
+            "lookups": int(tot["lookups"]), "rows_read": int(tot["rows_read"]),
+            "bytes_read": int(tot["bytes_read"]), "read_ops": int(tot["read_ops"]),
+            "read_seconds": tot["read_seconds"],
+            "bytes_read_per_table": {k: int(v[2]) for k, v in per_table.items()},
+            "cache": None, "shards": len(shards),
+        }
+        if caches:
+            hits, misses = tot["cache_hits"], tot["cache_misses"]
+            prefetch: dict[str, int] = collections.Counter()
+            for c in caches:
+                prefetch.update(c.get("prefetch", {}))
+            out["cache"] = {
+                "hits": int(hits), "misses": int(misses),
+                "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+                "lookup_hit_rate": tot["hit_lookups"] / tot["lookups"] if tot["lookups"] else 0.0,
+                "nbytes": nbytes,
+                "capacity_rows": int(sum(c.get("capacity_rows", 0) for c in caches)),
+                "resident_rows": int(sum(v.get("resident", 0) for c in caches
+                                         for v in c.values()
+                                         if isinstance(v, dict) and "resident" in v)),
+                "prefetch": dict(prefetch),
+                "hit_rate_per_table": {k: (h / (h + m) if h + m else 0.0)
+                                       for k, (h, m, _) in per_table.items()},
+            }
+        return out
+
     def prefetch(self, sparse: SparseFeatures | Mapping[str, Any]) -> None:
         """Announce a batch that will run soon: each shard reads its misses ahead."""
         if self.config.prefetch is None:

@@ -231,3 +231,23 @@ def test_parse_cache_size_errors(spec, msg) -> None:
 
     with pytest.raises(ConfigError, match=msg):
         parse_cache_size(spec)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_prefetch_in_chunks_equals_one_read(store, dram, chunk):
+    """Prefetch reserves and reads rows chunk by chunk (so a batch waits only for the chunk
+    holding its row): any chunk size admits the same rows and gives exact results."""
+    batches = _batches(4, alpha=1.0)
+    with _cached(store, "lru", capacity_fraction=0.5) as tier:
+        groups = {k: np.unique(g) for k, g in tier.global_ids(batches[1]).items()}
+        n = sum(u.size for u in groups.values())
+        assert len(groups) > 1  # several (dtype, dim) pools
+        assert sum(tier.prefetch_rows(k, u, chunk_rows=chunk) for k, u in groups.items()) == n
+        assert tier.prefetch_counters.issued == n
+        # everything announced is resident and ready: the batch reads nothing from disk
+        tier.stats.reset()
+        np.testing.assert_array_equal(tier.pool(batches[1]), dram.pool(batches[1]))
+        assert tier.stats.total().cache_misses == 0
+        assert tier.prefetch_counters.useful == n
+        # already resident rows are not read again
+        assert sum(tier.prefetch_rows(k, u, chunk_rows=chunk) for k, u in groups.items()) == 0

@@ -108,6 +108,10 @@ class CacheConfig:
         return asdict(self)
 
 
+#: rows a prefetch reserves and reads at a time (see CachedTier.prefetch_rows)
+PREFETCH_CHUNK_ROWS = 1024
+
+
 @dataclass
 class PrefetchCounters:
     """What the prefetcher did; see :mod:`tiermem.cache.prefetch`."""
@@ -382,14 +386,24 @@ class CachedTier(Tier):
         self._read_into(g, gids, w, q, None)
         return w, q
 
-    def prefetch_rows(self, key: tuple[RowDtype, int], gids: np.ndarray) -> int:
+    def prefetch_rows(self, key: tuple[RowDtype, int], gids: np.ndarray, *,
+                      chunk_rows: int = PREFETCH_CHUNK_ROWS) -> int:
         """Admit distinct global ids ahead of need and read their rows (prefetcher).
 
-        Slots are reserved under the lock first (not ready, pinned), then
-        filled outside it: a batch that needs one of them meanwhile waits for
-        the read instead of issuing its own (counted as late). Keys already
-        resident are left alone. Returns the rows read.
+        Rows go in chunks of ``chunk_rows``: each chunk's slots are reserved
+        under the lock (not ready, pinned), then filled outside it; a batch
+        that needs one of them meanwhile waits for that chunk's read instead
+        of issuing its own (counted as late). Chunks keep that wait short: a
+        running batch often needs rows the prefetcher just reserved for a
+        later batch, and must not wait for the whole later batch's reads.
+        Keys already resident are left alone. Returns the rows read.
         """
+        n = 0
+        for a in range(0, gids.size, max(1, chunk_rows)):
+            n += self._prefetch_chunk(key, gids[a:a + max(1, chunk_rows)])
+        return n
+
+    def _prefetch_chunk(self, key: tuple[RowDtype, int], gids: np.ndarray) -> int:
         g = self._pools[key]
         with self._cond:
             res = g.policy.insert(gids)

@@ -259,3 +259,36 @@ def test_cli_predict_with_a_plan(cluster, model, tmp_path) -> None:
     bad.write_text('{"format": "something-else"}')
     assert main(["predict", "--model", str(path), "--store", str(store), "--batch", str(batch),
                  "--out", str(tmp_path / "x.npy"), "--plan", str(bad)]) == 2
+
+
+@pytest.mark.parametrize("transport", ["compiled", "tasks"])
+def test_shard_side_error_is_raised_then_served_again(cluster, model, tmp_path,
+                                                      transport) -> None:
+    """A shard that fails a read (its store file truncated under it) raises the store's
+    own error for that batch; once the file is back, batches are served again."""
+    import shutil
+
+    from tiermem.errors import StoreError
+
+    path, store, cfg = model
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(store, copy)
+    conf = RuntimeConfig(tier=TierConfig(kind="ssd", io_threads=2))
+    rng = np.random.default_rng(6)
+    with InferenceSession.open(path, store) as single, \
+            ShardedSession.open(path, copy, _plan(copy), conf,
+                                ShardOptions(transport=transport, timeout_s=60)) as sharded:
+        names = single.table_names
+        sparse, _ = _batch(names, 16, rng)
+        dense = rng.standard_normal((16, cfg.num_dense)).astype(np.float32)
+        want = single.predict(dense, sparse)
+        np.testing.assert_allclose(sharded.predict(dense, sparse), want, rtol=1e-6)
+        chunk = open_store(copy).table(names[0]).weight_chunk(0)
+        data = chunk.read_bytes()
+        chunk.write_bytes(data[:64])
+        try:
+            with pytest.raises(StoreError, match="short read"):
+                sharded.predict(dense, sparse)
+        finally:
+            chunk.write_bytes(data)
+        np.testing.assert_allclose(sharded.predict(dense, sparse), want, rtol=1e-6)

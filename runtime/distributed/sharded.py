@@ -282,10 +282,13 @@ class ShardedSession:
         return "; ".join(f"shard {s} (tables {self._tables_of(s)})" for s in shards)
 
     def _dag_failure(self, e: BaseException) -> ShardError | TierMemError:
-        """The error for a batch whose graph execution failed (the graph is dropped
-        unless the shard itself raised)."""
+        """The error for a batch whose graph execution failed; the graph is dropped (and
+        rebuilt by the next batch once every shard answers)."""
         exc = self._ray.exceptions
-        if isinstance(e, exc.RayTaskError):  # the shard raised: the graph goes on
+        if isinstance(e, exc.RayTaskError):  # a shard raised
+            # the graph is rebuilt all the same: results come back in execution order, and
+            # a pipelined stream may leave another execution in flight behind this one
+            self._drop_dag()
             cause = getattr(e, "cause", None)
             if isinstance(cause, TierMemError):
                 return cause

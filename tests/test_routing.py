@@ -139,3 +139,33 @@ def test_router_errors(store) -> None:
     assert router.active_shards == [0, 1]  # shard 2 holds nothing: never called
     with pytest.raises(ConfigError, match="not in the plan's"):
         EmbeddingShard(store, plan, 3)
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_plan_with_a_table_the_model_does_not_use(store, tables, broadcast) -> None:
+    """The store (and plan) may hold more tables than the model: shards serve only the
+    model's, whether the driver cuts their parts or they cut their own (broadcast)."""
+    specs = _specs(store)
+    plan = ShardPlan(2, specs, (Piece("a", 0, 61, 0), Piece("b", 0, 13, 0),
+                                Piece("c", 0, 90, 1), Piece("c", 90, 200, 0)))
+    model_tables = ["c", "a"]  # no "b"
+    router = Router(plan, model_tables)
+    shards = {s: EmbeddingShard(store, plan, s, RuntimeConfig(), model_tables)
+              for s in router.active_shards}
+    try:
+        f, per, _ = _batch(np.random.default_rng(2), 5, False)
+        f = f.select(model_tables)
+        if broadcast:
+            outs = {s: sh.pool_batch((f.values, f.offsets, None, "sum", []))
+                    for s, sh in shards.items()}
+        else:
+            outs = {r.shard: shards[r.shard].pool(r.values, r.lengths, r.weights)
+                    for r in router.split_batch(f)}
+        got = router.merge(f, outs, PoolingMode.SUM, DIM)
+        for t, name in enumerate(model_tables):
+            ids, off = per[name]
+            want = np.stack([tables[name][ids[off[i]:off[i + 1]]].sum(0) for i in range(5)])
+            np.testing.assert_allclose(got[:, t], want, rtol=1e-5, atol=1e-5)
+    finally:
+        for s in shards.values():
+            s.close()

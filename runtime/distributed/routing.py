@@ -37,10 +37,6 @@ class ShardRequest:
     batch_size: int
 
     @property
-    def lookups(self) -> int:
-        return int(self.values.size)
-
-    @property
     def nbytes(self) -> int:
         return self.values.nbytes + self.lengths.nbytes + (
             0 if self.weights is None else self.weights.nbytes)
@@ -52,6 +48,7 @@ class Router:
     def __init__(self, plan: ShardPlan, table_names: tuple[str, ...] | list[str]) -> None:
         self.plan = plan
         self.table_names = tuple(table_names)
+        self._position = {n: t for t, n in enumerate(self.table_names)}
         unknown = [t for t in self.table_names if t not in plan.tables]
         if unknown:
             raise ConfigError(f"the plan places no table(s) {unknown[:5]}; it has "
@@ -92,7 +89,7 @@ class Router:
         vals, lens, ws = [], [], []
         bags: dict[int, np.ndarray] = {}
         for p in self.shard_pieces[shard]:
-            t = self.table_names.index(p.table)
+            t = self._position[p.table]
             s0, e0 = feats.table_range(t)
             ids = feats.values[s0:e0]
             ln = lengths_all[t * b:(t + 1) * b]

@@ -62,7 +62,12 @@ class EmbeddingShard:
         self.config = config
         info = open_store(store)
         self.plan.check_store(info)
-        self.pieces = self.plan.shard_pieces(shard)
+        # with the model's table order the shard can cut its own part of a whole batch;
+        # it then serves only the model's tables (the plan may place more), as the
+        # driver's router, which lists pieces the same way, expects
+        self.router = Router(self.plan, list(table_names)) if table_names is not None else None
+        self.pieces = (self.router.pieces_of(shard) if self.router is not None
+                       else self.plan.shard_pieces(shard))
         self.keys = tuple(p.name for p in self.pieces)
         self._split = np.array([p.name != p.table for p in self.pieces])
         self.tier = None
@@ -83,8 +88,6 @@ class EmbeddingShard:
                 tier.close()
                 raise
             self.tier = tier
-        # with the model's table order the shard can cut its own part of a whole batch
-        self.router = Router(self.plan, list(table_names)) if table_names is not None else None
         self.started = time.time()
         self.open_seconds = time.perf_counter() - t0
         self.requests = 0
@@ -155,7 +158,7 @@ class EmbeddingShard:
 
     def _pool_mixed(self, f: SparseFeatures) -> np.ndarray:
         assert self.tier is not None
-        dims = [p_dim for p_dim in (self.plan.tables[p.table].dim for p in self.pieces)]
+        dims = [self.plan.tables[p.table].dim for p in self.pieces]
         col = np.concatenate([[0], np.cumsum(dims)])
         out = np.empty((f.batch_size, int(col[-1])), np.float32)
         for split, mode in ((True, PoolingMode.SUM), (False, PoolingMode.MEAN)):

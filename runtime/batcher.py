@@ -58,6 +58,7 @@ import numpy as np
 
 from tiermem.errors import ConfigError, InvalidBatchError, TierMemError
 from tiermem.features import SparseFeatures
+from tiermem.kernels.jagged import merge_key_major
 
 if TYPE_CHECKING:
     from runtime.session import InferenceSession
@@ -105,10 +106,15 @@ class BatcherConfig:
     """``overload="wait"``: longest a submit blocks for room before :class:`Overloaded`."""
     prefetch_batches: int = 2
     """Upcoming batches announced to the session's prefetcher (0 = none)."""
+    workers: int = 1
+    """Batches run at once, each on a thread of its own. With few cores, two workers
+    whose session runs on ``cores // 2`` threads each keep every core busy with no
+    barrier waits (the MLPs of one batch overlap the other's Python steps and
+    embedding lookups); one worker on all cores has the lowest latency when idle."""
 
     def __post_init__(self) -> None:
         for name, lo in (("max_batch_size", 1), ("max_queue_requests", 1),
-                         ("max_queue_samples", 1), ("prefetch_batches", 0)):
+                         ("max_queue_samples", 1), ("prefetch_batches", 0), ("workers", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{type(self).__name__}.{name} must be an integer >= {lo}, "
@@ -142,25 +148,10 @@ def concat_features(parts: list[SparseFeatures]) -> SparseFeatures:
         if p.keys != keys:
             raise InvalidBatchError(f"cannot merge batches with keys {list(p.keys)} and "
                                     f"{list(keys)}")
-    T = len(keys)
-    weighted = any(p.weights is not None for p in parts)
-    # lengths: (T, B_p) per part, side by side -> (T, sum B_p), key-major again
-    lengths = np.concatenate([p.lengths.reshape(T, p.batch_size) for p in parts], axis=1)
-    offsets = np.zeros(lengths.size + 1, np.int64)
-    np.cumsum(lengths.reshape(-1), out=offsets[1:])
-    # values: table t's slice of part 0, part 1, ... for t = 0 .. T-1
-    bounds = [p.offsets[:: p.batch_size].tolist() if p.batch_size else [0] * (T + 1)
-              for p in parts]
-    vals, ws = [], []
-    for t in range(T):
-        for p, b in zip(parts, bounds, strict=True):
-            s, e = b[t], b[t + 1]
-            vals.append(p.values[s:e])
-            if weighted:
-                ws.append(p.weights[s:e] if p.weights is not None
-                          else np.ones(e - s, np.float32))
-    return SparseFeatures(keys, np.concatenate(vals), offsets,
-                          np.concatenate(ws) if weighted else None)
+    values, offsets, weights = merge_key_major([p.values for p in parts],
+                                               [p.offsets for p in parts],
+                                               [p.weights for p in parts], len(keys))
+    return SparseFeatures.trusted(keys, values, offsets, weights)
 
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
@@ -251,9 +242,11 @@ class DynamicBatcher:
         self._stopped = False
         self._drain = True
         self.counters = BatcherCounters()
-        self._worker = threading.Thread(target=self._run, name="tiermem-batcher", daemon=True)
+        self._workers = [threading.Thread(target=self._run, name=f"tiermem-batcher-{i}",
+                                          daemon=True) for i in range(self.config.workers)]
         self._reaper = threading.Thread(target=self._reap, name="tiermem-deadlines", daemon=True)
-        self._worker.start()
+        for w in self._workers:
+            w.start()
         self._reaper.start()
 
     # -- submit ----------------------------------------------------------------
@@ -607,14 +600,16 @@ class DynamicBatcher:
         if dropped:
             self._fail(dropped, BatcherClosed, "the batcher was closed without draining",
                        "cancelled")
-        if threading.current_thread() is self._worker:
+        if threading.current_thread() in self._workers:
             return False
-        self._worker.join(timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        for w in self._workers:
+            w.join(None if end is None else max(0.0, end - time.monotonic()))
         with self._cv:
             self._stopped = True
             self._cv.notify_all()
         self._reaper.join(timeout)
-        return not self._worker.is_alive()
+        return not any(w.is_alive() for w in self._workers)
 
     def __enter__(self) -> DynamicBatcher:
         return self

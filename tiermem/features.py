@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tiermem.errors import InvalidBatchError
-from tiermem.kernels.validate import check_ids, check_offsets
+from tiermem.kernels.validate import check_offsets, check_table_ids
 
 __all__ = ["SparseFeatures"]
 
@@ -82,6 +82,23 @@ class SparseFeatures:
             object.__setattr__(self, "weights", np.ascontiguousarray(w, dtype=np.float32))
 
     # -- constructors ------------------------------------------------------
+    @classmethod
+    def trusted(cls, keys: tuple[str, ...], values: np.ndarray, offsets: np.ndarray,
+                weights: np.ndarray | None = None) -> SparseFeatures:
+        """Wrap arrays known to be valid without checking them again.
+
+        For code that builds a batch from validated batches (merging requests):
+        ``values``/``offsets`` contiguous int64, ``weights`` float32 or None,
+        offsets consistent with ``len(keys)`` tables. Anything else must use
+        the checked constructors.
+        """
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "keys", tuple(keys))
+        object.__setattr__(obj, "values", values)
+        object.__setattr__(obj, "offsets", offsets)
+        object.__setattr__(obj, "weights", weights)
+        return obj
+
     @classmethod
     def from_lengths(cls, keys: Sequence[str], values: Any, lengths: Any,
                      weights: Any = None) -> SparseFeatures:
@@ -176,13 +193,15 @@ class SparseFeatures:
 
         ``rows`` maps key -> row count, or lists counts in key order.
         """
-        for t, k in enumerate(self.keys):
-            n = rows[k] if isinstance(rows, Mapping) else rows[t]
-            s, e = self.table_range(t)
-            msg = check_ids(self.values, s, e, int(n))
-            if msg:
-                # report the position within the table as well
-                raise InvalidBatchError(f"table {k!r}: {msg} (values index; table ids start at {s})")
+        counts = np.fromiter((rows[k] if isinstance(rows, Mapping) else rows[t]
+                              for t, k in enumerate(self.keys)), np.int64, len(self.keys))
+        bad = check_table_ids(self.values, self.offsets, self.batch_size, counts)
+        if bad is not None:
+            t, msg = bad
+            s, _ = self.table_range(t)
+            # report the position within the table as well
+            raise InvalidBatchError(f"table {self.keys[t]!r}: {msg} (values index; table ids "
+                                    f"start at {s})")
 
     def select(self, keys: Sequence[str]) -> SparseFeatures:
         """The same batch restricted/reordered to ``keys``."""

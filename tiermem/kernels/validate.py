@@ -47,6 +47,19 @@ def _check_ids(ids, start, stop, n_rows):  # type: ignore[no-untyped-def]
     return OK, 0, 0
 
 
+@njit(**SERIAL)
+def _check_table_ids(ids, offsets, batch, rows):  # type: ignore[no-untyped-def]
+    for t in range(rows.size):
+        n = rows[t]
+        for i in range(offsets[t * batch], offsets[(t + 1) * batch]):
+            v = ids[i]
+            if v < 0:
+                return NEGATIVE_ID, t, i, v
+            if v >= n:
+                return ID_OUT_OF_RANGE, t, i, v
+    return OK, 0, 0, 0
+
+
 def offsets_error(code: int, pos: int, value: int, nnz: int) -> str | None:
     """Human text for a ``_check_offsets`` result (None when fine)."""
     if code == OK:
@@ -74,3 +87,20 @@ def check_ids(ids: np.ndarray, start: int, stop: int, n_rows: int) -> str | None
     if code == NEGATIVE_ID:
         return f"ids[{pos}] = {value} is negative"
     return f"ids[{pos}] = {value} is out of range for a table of {n_rows} rows"
+
+
+def check_table_ids(ids: np.ndarray, offsets: np.ndarray, batch_size: int,
+                    rows: np.ndarray) -> tuple[int, str] | None:
+    """First id outside its table in a key-major batch, in one pass over all tables.
+
+    Table ``t``'s ids are ``ids[offsets[t * B] : offsets[(t + 1) * B]]`` and must
+    lie in ``[0, rows[t])``. Returns ``(t, message)`` or None.
+    """
+    code, t, pos, value = _check_table_ids(ids, offsets, int(batch_size),
+                                           np.ascontiguousarray(rows, dtype=np.int64))
+    if code == OK:
+        return None
+    t, n = int(t), int(rows[t])
+    if code == NEGATIVE_ID:
+        return t, f"ids[{pos}] = {value} is negative"
+    return t, f"ids[{pos}] = {value} is out of range for a table of {n} rows"

@@ -85,6 +85,9 @@ class ServingConfig:
     """Run a small batch at start (compile kernels) before reporting ready."""
     prefetch_batches: int = 2
     """Upcoming batches announced to the session's prefetcher (if it has one)."""
+    workers: int = 1
+    """Batches run at once, each on a thread of its own (see ``BatcherConfig.workers``);
+    give the session ``RuntimeConfig(num_threads=cores // workers)``."""
 
     def __post_init__(self) -> None:
         if self.overload not in OVERLOAD_MODES:
@@ -108,7 +111,7 @@ class ServingConfig:
                              max_queue_requests=self.max_queue_requests,
                              max_queue_samples=self.max_queue_samples, overload=self.overload,
                              wait_timeout_s=self.wait_timeout_s,
-                             prefetch_batches=self.prefetch_batches)
+                             prefetch_batches=self.prefetch_batches, workers=self.workers)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

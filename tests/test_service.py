@@ -38,6 +38,7 @@ from runtime.convert import store_from_checkpoint
 from runtime.model import DLRMConfig, random_dense
 from runtime.server import create_app, npz_body
 from runtime.service import ServingConfig, ServingRuntime
+from runtime.wire import BINARY_TYPE, PREDICTIONS_TYPE, decode_predictions, encode_request
 from runtime.session import InferenceSession, RuntimeConfig
 from tiermem.errors import ConfigError, InvalidBatchError
 from tiermem.features import SparseFeatures
@@ -257,10 +258,31 @@ def test_deadlines_fail_fast(session):
         np.testing.assert_allclose(rt.predict(*reqs[1]), session.predict(*reqs[1]), **TOL)
 
 
-def test_shutdown_drains_every_accepted_request(session):
+def test_workers_match_sequential(model):
+    """Two workers run batches side by side: the answers are those of sequential calls."""
+    with InferenceSession.open(*model, RuntimeConfig(num_threads=1)) as sess:
+        reqs = requests(60, seed=31)
+        expected = [sess.predict(d, s) for d, s in reqs]
+        cfg = ServingConfig(max_batch_size=64, max_delay_ms=1, workers=2)
+        with ServingRuntime(sess, cfg) as rt:
+            assert rt.wait_ready(30)
+            assert len(rt.batcher._workers) == 2
+            with ThreadPoolExecutor(12) as ex:
+                got = list(ex.map(lambda r: rt.predict(*r), reqs, timeout=30))
+            m = rt.metrics()
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, e, **TOL)
+        assert m["requests"]["completed"] == 60
+    with pytest.raises(ConfigError, match="workers"):
+        ServingConfig(workers=0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shutdown_drains_every_accepted_request(session, workers):
     gated = Gated(session)
     reqs = requests(12, seed=8, max_b=10)
-    rt = ServingRuntime(gated, ServingConfig(max_batch_size=32, max_delay_ms=1, warmup=False))
+    rt = ServingRuntime(gated, ServingConfig(max_batch_size=32, max_delay_ms=1, warmup=False,
+                                             workers=workers))
     futs = [rt.submit(*r) for r in reqs]
     closer = threading.Thread(target=rt.close, kwargs={"drain": True})
     closer.start()
@@ -443,6 +465,43 @@ def test_http_formats_match_session(session, server):
     exp = session.predict(dense, SparseFeatures.from_offsets(
         NAMES, onehot.T.reshape(-1), np.arange(onehot.size + 1)))
     np.testing.assert_allclose(r.json()["predictions"], exp, **TOL)
+
+
+def test_http_binary_body(session, server):
+    client, _ = server
+    reqs = requests(4, seed=23)
+    for i, (d, s) in enumerate(reqs):
+        exp = session.predict(d, s)
+        body = encode_request(d, s, id_dtype=np.int64 if i % 2 else np.int32)
+        r = client.post("/predict", content=body, headers={
+            "Content-Type": BINARY_TYPE, "Accept": PREDICTIONS_TYPE})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == PREDICTIONS_TYPE
+        np.testing.assert_allclose(decode_predictions(r.content), exp, **TOL)
+        # without Accept: the JSON answer
+        r = client.post("/predict", content=body, headers={"Content-Type": BINARY_TYPE})
+        np.testing.assert_allclose(r.json()["predictions"], exp, **TOL)
+    # one id per table and sample (layout 0)
+    ids = np.stack([np.arange(5) % r_ for r_ in ROWS], axis=1)
+    dense = np.ones((5, NUM_DENSE), np.float32)
+    r = client.post("/predict", content=encode_request(dense, ids),
+                    headers={"Content-Type": BINARY_TYPE, "Accept": PREDICTIONS_TYPE})
+    exp = session.predict(dense, SparseFeatures.from_offsets(NAMES, ids.T.reshape(-1),
+                                                             np.arange(ids.size + 1)))
+    np.testing.assert_allclose(decode_predictions(r.content), exp, **TOL)
+    # malformed: 400; does not fit the model: 422; ids out of range: 422 naming the table
+    d, s = reqs[0]
+    body = encode_request(d, s)
+    r = client.post("/predict", content=body[:30], headers={"Content-Type": BINARY_TYPE})
+    assert r.status_code == 400 and "ends inside" in r.json()["error"]
+    r = client.post("/predict", content=encode_request(d[:, :2], s),
+                    headers={"Content-Type": BINARY_TYPE})
+    assert r.status_code == 422 and "num_dense = 2" in r.json()["error"]
+    bad = ids.copy()
+    bad[2, 1] = ROWS[1]
+    r = client.post("/predict", content=encode_request(dense, bad),
+                    headers={"Content-Type": BINARY_TYPE})
+    assert r.status_code == 422 and "emb_l.1" in r.json()["error"]
 
 
 def test_http_concurrent_clients(session, server):

@@ -58,7 +58,7 @@ import numpy as np
 
 from tiermem.errors import ConfigError, InvalidBatchError, TierMemError
 from tiermem.features import SparseFeatures
-from tiermem.kernels.jagged import merge_key_major
+from tiermem.kernels.jagged import finite_copy, merge_key_major
 
 if TYPE_CHECKING:
     from runtime.session import InferenceSession
@@ -265,10 +265,16 @@ class DynamicBatcher:
         if arr.ndim != 2 or arr.shape[1] != self.num_dense:
             raise InvalidBatchError(f"dense must have shape (B, {self.num_dense}), got "
                                     f"{arr.shape}")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not arr.flags.writeable:  # torch.from_numpy warns on read-only arrays
-            arr = arr.copy()
-        if not np.isfinite(arr).all():
+        if arr.dtype == np.float32 and arr.flags.c_contiguous:
+            # one GIL-holding pass (this runs on the caller's thread, often an event loop):
+            # a writable copy (torch.from_numpy warns on read-only arrays) and the check
+            arr, finite = finite_copy(arr)
+        else:
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            if not arr.flags.writeable:
+                arr = arr.copy()
+            finite = bool(np.isfinite(arr).all())
+        if not finite:
             raise InvalidBatchError("dense features contain NaN or infinity")
         if isinstance(sparse, Mapping):
             sparse = SparseFeatures.from_tables(dict(sparse))

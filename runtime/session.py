@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from runtime.checkpoint import load_checkpoint
-from runtime.model import DenseDLRM
+from runtime.model import DenseDLRM, TracedDense
 from tiermem.config import PoolingMode, TierConfig
 from tiermem.errors import ConfigError, InvalidBatchError
 from tiermem.features import SparseFeatures
@@ -51,6 +51,10 @@ class RuntimeConfig:
     """A DRAM cache in front of the tier (for ssd/cxl), or None."""
     prefetch: PrefetchConfig | None = None
     """A lookahead prefetcher feeding the cache (needs ``cache``), or None."""
+    trace_dense: bool = True
+    """Run the MLPs as one traced TorchScript call (``runtime.model.TracedDense``):
+    bit-identical results, the GIL released once per batch instead of once per op.
+    False: eager torch."""
 
     def __post_init__(self) -> None:
         if isinstance(self.cache, Mapping):
@@ -73,6 +77,9 @@ class RuntimeConfig:
             raise ConfigError(f"RuntimeConfig.num_threads must be None or >= 1, got "
                               f"{self.num_threads!r}")
         object.__setattr__(self, "pooling", PoolingMode.parse(self.pooling))
+        if not isinstance(self.trace_dense, bool):
+            raise ConfigError(f"RuntimeConfig.trace_dense must be a bool, got "
+                              f"{self.trace_dense!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -126,7 +133,7 @@ def dense_tensor(dense: Any, num_dense: int) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def run_dense(model: DenseDLRM, dense: torch.Tensor, pooled: np.ndarray,
+def run_dense(model: DenseDLRM | TracedDense, dense: torch.Tensor, pooled: np.ndarray,
               num_threads: int | None = None) -> np.ndarray:
     """Click probabilities ``(B,)`` from dense features and pooled ``(B, T, D)`` embeddings.
 
@@ -169,6 +176,8 @@ class InferenceSession:
                                   f"expects {cfg.embedding_dim}")
         if self.config.num_threads is not None:
             torch.set_num_threads(self.config.num_threads)
+        self._forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
+            TracedDense(self.dense) if self.config.trace_dense else self.dense)
         self.prefetcher: Prefetcher | None = None
         if self.config.prefetch is not None:
             from tiermem.cache.cache import CachedTier
@@ -281,7 +290,7 @@ class InferenceSession:
         return pooled.reshape(features.batch_size, len(self.table_names), -1)
 
     def _mlp(self, dense: torch.Tensor, pooled: np.ndarray) -> np.ndarray:
-        return run_dense(self.dense, dense, pooled, self.config.num_threads)
+        return run_dense(self._forward, dense, pooled, self.config.num_threads)
 
     def warm(self, profile: Mapping[str, np.ndarray]) -> int:
         """Fill the cache from a popularity profile (table -> ids seen); rows loaded."""

@@ -39,6 +39,7 @@ import numpy as np
 
 from tiermem.errors import InvalidBatchError
 from tiermem.features import SparseFeatures
+from tiermem.kernels.jagged import key_major_ids
 
 __all__ = ["BINARY_TYPE", "MAGIC", "PREDICTIONS_TYPE", "WireFormatError", "decode_predictions",
            "decode_request", "encode_predictions", "encode_request"]
@@ -171,9 +172,9 @@ def decode_request(raw: bytes | memoryview, table_names: Sequence[str], num_dens
         raise WireFormatError(f"binary body has {len(raw) - pos} bytes after its last section "
                               f"(expected exactly {pos} bytes)")
     dense = dense.reshape(B, nd)
-    if lengths is None:
-        values = ids.reshape(B, T).T.reshape(-1)  # key-major copy, int64 below
-        offsets = np.arange(T * B + 1, dtype=np.int64)
+    if lengths is None:  # valid by construction: one id per bag
+        return dense, SparseFeatures.trusted(tuple(table_names), key_major_ids(ids.reshape(B, T)),
+                                             np.arange(T * B + 1, dtype=np.int64))
     else:
         if lengths.size and lengths.min() < 0:
             i = int(np.argmax(lengths < 0))

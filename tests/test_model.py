@@ -17,7 +17,7 @@ from runtime.checkpoint import (
     save_dlrm_checkpoint,
     save_torchrec_checkpoint,
 )
-from runtime.model import DLRMConfig, DenseDLRM, interaction_indices, random_dense
+from runtime.model import DLRMConfig, DenseDLRM, TracedDense, interaction_indices, random_dense
 from tiermem.errors import ConfigError, InvalidBatchError, StoreFormatError
 
 try:
@@ -456,3 +456,26 @@ def test_checkpoint_repr_is_short(tmp_path: Path) -> None:
     ckpt = load_checkpoint(tmp_path / "r.pt")
     assert isinstance(ckpt, Checkpoint)
     assert "tensor(" not in repr(ckpt)
+
+
+@pytest.mark.parametrize("interaction", ["dlrm", "torchrec"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_traced_dense_is_bit_identical(name: str, interaction: str) -> None:
+    """The traced graph runs the eager module's ops: equal bits for any batch size."""
+    cfg = DLRMConfig(**CONFIGS[name], interaction=interaction)
+    model = random_dense(cfg, seed=4)
+    traced = TracedDense(model)
+    gen = torch.Generator().manual_seed(1)
+    for b in (0, 1, 2, 7, 300):
+        dense = torch.randn(b, cfg.num_dense, generator=gen)
+        pooled = torch.randn(b, cfg.num_tables, cfg.embedding_dim, generator=gen)
+        with torch.inference_mode():
+            exp, got = model(dense, pooled), traced(dense, pooled)
+        assert got.shape == (b,)
+        assert torch.equal(got, exp)
+    # the shape checks still hold (they run before the traced call)
+    with pytest.raises(InvalidBatchError, match="num_dense"):
+        traced(torch.zeros(2, cfg.num_dense + 1), torch.zeros(2, cfg.num_tables,
+                                                              cfg.embedding_dim))
+    with pytest.raises(InvalidBatchError, match="Batch size mismatch"):
+        traced(torch.zeros(3, cfg.num_dense), torch.zeros(2, cfg.num_tables, cfg.embedding_dim))

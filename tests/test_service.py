@@ -502,6 +502,8 @@ def test_http_binary_body(session, server):
     r = client.post("/predict", content=encode_request(dense, bad),
                     headers={"Content-Type": BINARY_TYPE})
     assert r.status_code == 422 and "emb_l.1" in r.json()["error"]
+    r = client.get("/predict")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
 def test_http_concurrent_clients(session, server):

@@ -102,6 +102,21 @@ def test_keys_in_any_order_and_mapping_input(tmp_path):
     np.testing.assert_array_equal(a, c)
 
 
+def test_traced_and_eager_dense_agree(tmp_path):
+    path, cfg = _model(tmp_path, "dlrm")
+    store = tmp_path / "s.zarr"
+    store_from_checkpoint(path, store)
+    rng = np.random.default_rng(5)
+    sparse, _ = _batch(tuple(f"emb_l.{i}" for i in range(cfg.num_tables)), 16, rng)
+    dense = rng.standard_normal((16, cfg.num_dense)).astype(np.float32)
+    with InferenceSession.open(path, store) as traced, \
+            InferenceSession.open(path, store, RuntimeConfig(trace_dense=False)) as eager:
+        assert traced.config.trace_dense and not eager.config.trace_dense
+        np.testing.assert_array_equal(traced.predict(dense, sparse), eager.predict(dense, sparse))
+    with pytest.raises(ConfigError, match="trace_dense"):
+        RuntimeConfig(trace_dense="yes")
+
+
 def test_concurrent_predict_equals_sequential(tmp_path):
     path, cfg = _model(tmp_path, "torchrec")
     store = tmp_path / "s.zarr"

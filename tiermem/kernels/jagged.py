@@ -10,9 +10,40 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from tiermem.kernels._flags import SERIAL
+from tiermem.kernels._flags import HOLD_GIL, SERIAL
 
-__all__ = ["merge_key_major"]
+__all__ = ["finite_copy", "key_major_ids", "merge_key_major"]
+
+
+@njit(**HOLD_GIL)
+def key_major_ids(ids):  # type: ignore[no-untyped-def]
+    """``(B, T)`` ids (one per sample and table) -> ``T * B`` int64, key-major.
+
+    Holds the GIL: it runs on the HTTP event loop for one request (see HOLD_GIL).
+    """
+    B, T = ids.shape
+    out = np.empty(B * T, np.int64)
+    for t in range(T):
+        for b in range(B):
+            out[t * B + b] = ids[b, t]
+    return out
+
+
+@njit(**HOLD_GIL)
+def finite_copy(x):  # type: ignore[no-untyped-def]
+    """A writable float32 copy of a 2-D float32 array, and whether every value is finite.
+
+    Holds the GIL: it runs on the HTTP event loop for one request (see HOLD_GIL).
+    """
+    out = np.empty(x.shape, np.float32)
+    ok = True
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            v = x[i, j]
+            if not np.isfinite(v):
+                ok = False
+            out[i, j] = v
+    return out, ok
 
 
 @njit(**SERIAL)

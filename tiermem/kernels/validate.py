@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from tiermem.kernels._flags import SERIAL
+from tiermem.kernels._flags import HOLD_GIL
 
 # Codes returned by _check_csr: (code, position, value)
 OK = 0
@@ -21,7 +21,7 @@ NEGATIVE_ID = 4
 ID_OUT_OF_RANGE = 5
 
 
-@njit(**SERIAL)
+@njit(**HOLD_GIL)
 def _check_offsets(offsets, nnz):  # type: ignore[no-untyped-def]
     if offsets.size == 0:
         return BAD_LAST_OFFSET, 0, 0
@@ -36,7 +36,7 @@ def _check_offsets(offsets, nnz):  # type: ignore[no-untyped-def]
     return OK, 0, 0
 
 
-@njit(**SERIAL)
+@njit(**HOLD_GIL)
 def _check_ids(ids, start, stop, n_rows):  # type: ignore[no-untyped-def]
     for i in range(start, stop):
         v = ids[i]
@@ -47,7 +47,7 @@ def _check_ids(ids, start, stop, n_rows):  # type: ignore[no-untyped-def]
     return OK, 0, 0
 
 
-@njit(**SERIAL)
+@njit(**HOLD_GIL)
 def _check_table_ids(ids, offsets, batch, rows):  # type: ignore[no-untyped-def]
     for t in range(rows.size):
         n = rows[t]

@@ -12,13 +12,16 @@ Parts (``--parts 1,2,3``):
    N client threads submitting queries back to back; the best queries/s over
    the thread counts is *the saturation rate*. Anchor: ``session.predict``
    called query by query (no batching), same queries.
-2. the real HTTP server (``python -m runtime.server`` in a subprocess, npz
-   bodies, keep-alive connections over 127.0.0.1) under open-loop Poisson
+2. the real HTTP server (``python -m runtime.server`` in a subprocess, binary
+   ``application/x-tiermem`` bodies (``--body npz`` for npz), keep-alive
+   connections over 127.0.0.1, the same ``--workers`` as part 1) under open-loop Poisson
    arrivals at rising rates (fractions of the saturation rate), ``--duration``
    seconds each: achieved throughput, p50/p99/p99.9 latency (from the
    scheduled arrival, so client-side queueing counts), 503s; the highest rate
    whose p99 stays under ``--latency-bound-ms``. Goal: the server sustains
-   >= 80% of the runtime-alone saturation rate.
+   >= 80% of the runtime-alone saturation rate. ``--rounds N`` adds N-1 pairs
+   (runtime alone, HTTP peak) measured back to back, order alternating, and
+   prints the median ratio: this machine's speed drifts between minutes.
 3. the runtime under MLPerf LoadGen (Server scenario at ``--loadgen-qps``,
    default half the saturation rate, latency bound ``--latency-bound-ms`` at
    p99; and Offline): LoadGen's own summary (VALID/INVALID, QPS, latencies),

@@ -24,6 +24,12 @@ Endpoints
     ``offsets`` or ``lengths`` (KJT layout, key-major), optional ``weights``;
     or ``sparse`` ``(B, T)`` (one id per table and sample).
 
+    ``application/x-tiermem``: the compact binary body of :mod:`runtime.wire`
+    (arrays back to back, read as numpy views).
+
+    The answer is JSON, or raw little-endian float32 when the request says
+    ``Accept: application/octet-stream``.
+
     Every table of the model must be given. A deadline may also come as the
     ``X-Deadline-Ms`` header or the ``deadline_ms`` query parameter.
 

@@ -290,8 +290,7 @@ async def poisson_run(port: int, bodies: list[bytes], rate: float, duration: flo
 def request_body(dense: np.ndarray, sparse: SparseFeatures, kind: str) -> bytes:
     """``binary`` (runtime.wire, one id per table and sample) or ``npz``."""
     if kind == "binary":
-        T, n = sparse.num_tables, sparse.batch_size
-        return encode_request(dense, sparse.values.reshape(T, n).T)
+        return encode_request(dense, sparse)  # one id per bag: layout 0
     return compact_body(dense, sparse)
 
 

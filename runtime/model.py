@@ -298,7 +298,6 @@ class TracedDense:
     def __init__(self, model: DenseDLRM) -> None:
         cfg = model.config
         self.model = model
-        self.config = cfg
         example = (torch.zeros(2, cfg.num_dense), torch.zeros(2, cfg.num_tables,
                                                                cfg.embedding_dim))
         with torch.inference_mode(), warnings.catch_warnings():

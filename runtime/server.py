@@ -72,15 +72,20 @@ import sys
 import threading
 import time
 import zipfile
-from urllib.parse import parse_qs
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import numpy as np
 
 from runtime.batcher import BatcherClosed, DeadlineExceeded, Overloaded
-from runtime.wire import (BINARY_TYPE, PREDICTIONS_TYPE, WireFormatError, decode_request,
-                          encode_predictions)
+from runtime.wire import (
+    BINARY_TYPE,
+    PREDICTIONS_TYPE,
+    WireFormatError,
+    decode_request,
+    encode_predictions,
+)
 from tiermem.cache.cache import parse_cache_size
 from tiermem.config import parse_bytes
 from tiermem.errors import ConfigError, InvalidBatchError, TierMemError
@@ -445,6 +450,7 @@ def _app_class() -> type:
                 await super().__call__(scope, receive, send)
 
     return App
+
 
 def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                retry_after_s: int = 1) -> FastAPI:

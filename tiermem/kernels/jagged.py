@@ -50,7 +50,7 @@ def finite_copy(x):  # type: ignore[no-untyped-def]
 def _merge(values, weights, offsets, vbase, obase, bsizes, T, out_values, out_weights,
            out_offsets):  # type: ignore[no-untyped-def]
     P = bsizes.size
-    weighted = out_weights.size == out_values.size and out_values.size > 0
+    weighted = out_weights.size > 0  # empty when no part has weights
     pos = 0
     k = 0
     out_offsets[0] = 0

@@ -79,14 +79,19 @@ def check_offsets(offsets: np.ndarray, nnz: int) -> str | None:
     return offsets_error(int(code), int(pos), int(value), nnz)
 
 
-def check_ids(ids: np.ndarray, start: int, stop: int, n_rows: int) -> str | None:
-    """Return a message for the first id of ``ids[start:stop]`` outside ``[0, n_rows)``."""
-    code, pos, value = _check_ids(ids, start, stop, n_rows)
+def ids_error(code: int, pos: int, value: int, n_rows: int) -> str | None:
+    """Human text for a ``_check_ids`` / ``_check_table_ids`` result (None when fine)."""
     if code == OK:
         return None
     if code == NEGATIVE_ID:
         return f"ids[{pos}] = {value} is negative"
     return f"ids[{pos}] = {value} is out of range for a table of {n_rows} rows"
+
+
+def check_ids(ids: np.ndarray, start: int, stop: int, n_rows: int) -> str | None:
+    """Return a message for the first id of ``ids[start:stop]`` outside ``[0, n_rows)``."""
+    code, pos, value = _check_ids(ids, start, stop, n_rows)
+    return ids_error(int(code), int(pos), int(value), n_rows)
 
 
 def check_table_ids(ids: np.ndarray, offsets: np.ndarray, batch_size: int,
@@ -98,9 +103,5 @@ def check_table_ids(ids: np.ndarray, offsets: np.ndarray, batch_size: int,
     """
     code, t, pos, value = _check_table_ids(ids, offsets, int(batch_size),
                                            np.ascontiguousarray(rows, dtype=np.int64))
-    if code == OK:
-        return None
-    t, n = int(t), int(rows[t])
-    if code == NEGATIVE_ID:
-        return t, f"ids[{pos}] = {value} is negative"
-    return t, f"ids[{pos}] = {value} is out of range for a table of {n} rows"
+    msg = ids_error(int(code), int(pos), int(value), int(rows[t]))
+    return None if msg is None else (int(t), msg)

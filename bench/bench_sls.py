@@ -39,6 +39,7 @@ D = 64
 POOLINGS = (1, 32, 100)
 DISTS = ("uniform", "zipf")
 THREADS = (1, 2)
+PD = 48  # prefetch distance of ours (the library default)
 
 
 def cpu_model() -> str:
@@ -124,7 +125,7 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def ours_side(W: np.ndarray, Q: np.ndarray | None, pd: int = 16) -> tuple[Prep, Run]:
+def ours_side(W: np.ndarray, Q: np.ndarray | None, pd: int = PD) -> tuple[Prep, Run]:
     out = np.empty((B, W.shape[1]), np.float32)
     zero = np.zeros(1, np.int64)
 
@@ -221,7 +222,7 @@ def bench_fp32(n_rows: int, reps: int, misses: list[str]) -> None:
             ta, tb, r = compare(anchor, anchor, batches, dist, 32, reps)
             tab.add(f"EB vs EB {dist:<7} pool  32 thr {th}", B * 32, ta, tb, r, None)
 
-    print("\n-- software prefetch: ours with prefetch_distance=16 against 0 (anchor = pd 0)")
+    print(f"\n-- software prefetch: ours with prefetch_distance={PD} against 0 (anchor = pd 0)")
     tab = Table()
     off = ours_side(W, None, pd=0)
     for th in THREADS:
@@ -229,7 +230,7 @@ def bench_fp32(n_rows: int, reps: int, misses: list[str]) -> None:
         for dist in DISTS:
             for pooling in (1, 32):
                 ta, tb, r = compare(ours, off, batches, dist, pooling, reps)
-                tab.add(f"pd16/pd0 {dist:<7} pool {pooling:>3} thr {th}", B * pooling, ta, tb, r,
+                tab.add(f"pd{PD}/pd0 {dist:<7} pool {pooling:>3} thr {th}", B * pooling, ta, tb, r,
                         None)
 
     print("\n-- gather_touch (one 4-byte read per 64-byte line, no arithmetic) vs ours,"

@@ -51,8 +51,9 @@ def _add_tier_args(p: argparse.ArgumentParser) -> None:
                    help="where embedding rows are read from (default: dram)")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="threads for the SLS kernels and torch (default: all cores)")
-    g.add_argument("--prefetch-distance", type=_nonneg_int, default=16,
-                   help="software prefetch distance of the SLS kernel, lookups (0 = off)")
+    g.add_argument("--prefetch-distance", type=_nonneg_int, default=48,
+                   help="software prefetch distance of the SLS kernel, lookups (0 = off; "
+                        "default 48)")
     g.add_argument("--io-threads", type=_positive_int, default=64,
                    help="SSD tier: parallel pread threads (default 64)")
     g.add_argument("--cxl-latency-ns", type=float, default=250.0,

@@ -23,13 +23,15 @@ How the kernels are built (see bench/bench_sls.py for the figures):
   LLVM ``<D x float>`` value kept in registers, each lookup is D/8 AVX2 adds (fp16:
   ``vcvtph2ps``; int8: sign-extend, convert, one FMA by the row's scale, the biases
   summed apart); other widths use a run-time-width loop over a scratch row;
-- every 64-byte line of the row ``prefetch_distance`` lookups ahead is prefetched
-  (plus the (scale, bias) line for int8), across bag boundaries; the prefetches are
-  written inline (a helper taking the arrays costs NRT incref/decref per lookup).
-  Segments of short bags (under ``_BLOCK_MAX_POOLING`` lookups a bag on average)
-  prefetch by blocks instead: every ``pd`` lookups, the rows ``pd`` to ``2 pd`` ahead
-  are requested together (pooling 1 went from ~0.7x to ~1.0-1.2x of EmbeddingBag);
-  the two modes are separate specialisations (a run-time flag in the loop cost ~5%);
+- every 64-byte line of the row ``prefetch_distance`` (default 48) lookups ahead is
+  prefetched (plus the (scale, bias) line for int8), across bag boundaries, into L2
+  (``prefetcht1``): a prefetch into L1 holds one of the core's ~16 line-fill buffers
+  until the line arrives from DRAM, which capped the lines in flight; into L2 it
+  frees the buffer once the request is handed on, and the demand load later hits L2.
+  On a 2-core Xeon (10M x 64 float32, 2048 bags) this took the kernel from 1.00-1.07x
+  to 1.2-1.9x of EmbeddingBag. The prefetches are written inline (a helper taking the
+  arrays costs NRT incref/decref per lookup). (An earlier mode that prefetched short
+  bags by blocks of rows measured slower than this one everywhere and is gone.);
 - bags are cut into ``4 x threads`` chunks of equal work (lookups + bags), which the
   threads take from an atomic counter; each chunk runs table by table, so the row
   base of a table is a loop constant; batches under 2048 lookups + bags, and every
@@ -70,26 +72,21 @@ from tiermem.kernels._intrinsics import (
 from tiermem.kernels.validate import check_ids, check_offsets
 
 _LINE = 64  # bytes per cache line
-#: segments whose bags average fewer lookups than this prefetch by blocks of rows
-_BLOCK_MAX_POOLING = 4
+#: bag chunks per thread (handed out dynamically)
+_CHUNKS_PER_THREAD = 4
+#: below this many lookups + bags a call runs on the calling thread alone
+_PARALLEL_MIN_WORK = 2048
 
 
 def _pool_segment(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
-                  acc, D, blk):  # type: ignore[no-untyped-def]  # pragma: no cover
+                  acc, D):  # type: ignore[no-untyped-def]  # pragma: no cover
     raise NotImplementedError
 
 
-@overload(_pool_segment, jit_options=SERIAL, prefer_literal=True)
+@overload(_pool_segment, jit_options=SERIAL)
 def _pool_segment_impl(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
-                       acc, D, blk):  # type: ignore[no-untyped-def]
-    """Pool bags ``ja:jb`` of one table (arena rows ``base + ids``) into ``out[b0:, cb:]``.
-
-    ``blk`` (a literal bool: one specialisation each): prefetch by blocks of rows
-    (short bags) instead of one row ``pd`` lookups ahead per lookup (long bags).
-    """
-    if not isinstance(blk, types.BooleanLiteral):
-        return None
-    use_blocks = bool(blk.literal_value)
+                       acc, D):  # type: ignore[no-untyped-def]
+    """Pool bags ``ja:jb`` of one table (arena rows ``base + ids``) into ``out[b0:, cb:]``."""
     kind = str(W.dtype)
     quant = kind == "int8"
     weighted = not isinstance(weights, (types.NoneType, types.Omitted))
@@ -104,11 +101,11 @@ def _pool_segment_impl(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, m
         n_lines = (row_bytes + _LINE - 1) // _LINE
 
         def seg_const(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
-                      acc, D, blk):  # type: ignore[no-untyped-def]
+                      acc, D):  # type: ignore[no-untyped-def]
             i_end = offsets[jb]
-            nxt = offsets[ja]  # the lookup at which the next block of prefetches is issued
             if pd > 0:
-                for p in range(nxt, min(nxt + pd, i_end)):
+                i0 = offsets[ja]
+                for p in range(i0, min(i0 + pd, i_end)):
                     rp = base + ids[p]
                     for k in range(n_lines):
                         prefetch_bytes(W, rp, k * _LINE)
@@ -123,20 +120,8 @@ def _pool_segment_impl(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, m
                 v = vzero(D)
                 bsum = np.float32(0.0)  # int8: the biases, added to every lane at the end
                 for i in range(s, e):
-                    if pd > 0 and use_blocks:
-                        if i == nxt:
-                            # software pipelining by blocks: every pd lookups, the rows
-                            # of the next block (pd to 2 pd ahead) are requested together
-                            for p in range(i + pd, min(i + 2 * pd, i_end)):
-                                rp = base + ids[p]
-                                for k in range(n_lines):
-                                    prefetch_bytes(W, rp, k * _LINE)
-                                if not aligned:
-                                    prefetch_bytes(W, rp, row_bytes - 1)
-                                if quant:
-                                    prefetch_bytes(Q, rp, 0)
-                            nxt = i + pd
-                    elif pd > 0:
+                    if pd > 0:
+                        # the row pd lookups ahead (across bag boundaries)
                         p = i + pd
                         if p < i_end:
                             rp = base + ids[p]
@@ -170,7 +155,7 @@ def _pool_segment_impl(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, m
         return seg_const
 
     def seg_var(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
-                acc, D, blk):  # type: ignore[no-untyped-def]
+                acc, D):  # type: ignore[no-untyped-def]
         n = W.shape[1]
         nb = n * itemsize
         i_end = offsets[jb]
@@ -273,13 +258,8 @@ def _pool_chunks(W, Q, ids, offsets, row_base, batch_size, col_base, weights, me
         while j < j1:
             t = j // batch_size
             jb = min(j1, (t + 1) * batch_size)
-            # short bags: prefetch by blocks; long bags: one row pd lookups ahead per lookup
-            if offsets[jb] - offsets[j] < _BLOCK_MAX_POOLING * (jb - j):
-                _pool_segment(W, Q, ids, offsets, j, jb, row_base[t], out, j - t * batch_size,
-                              col_base[t], weights, mean, pd, aligned, acc, D, True)
-            else:
-                _pool_segment(W, Q, ids, offsets, j, jb, row_base[t], out, j - t * batch_size,
-                              col_base[t], weights, mean, pd, aligned, acc, D, False)
+            _pool_segment(W, Q, ids, offsets, j, jb, row_base[t], out, j - t * batch_size,
+                          col_base[t], weights, mean, pd, aligned, acc, D)
             j = jb
         c = atomic_fetch_add(counter, 0, 1)
 
@@ -306,6 +286,48 @@ def _pool_serial(W, Q, ids, offsets, row_base, batch_size, col_base, weights, me
     counter = np.zeros(1, np.int64)
     _pool_chunks(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
                  counter, 1, D)
+
+
+#: what _pool returns for a batch it refused (the wrapper turns it into a message)
+_OK, _BAD_OFFSET_ENDS, _BAD_COL_BASE, _BAD_N_COL_BASE, _BAD_N_OFFSETS, _BAD_OUT_ROWS, \
+    _BAD_N_WEIGHTS = range(7)
+
+
+@njit(**SERIAL)
+def _pool(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
+          n_threads, D):  # type: ignore[no-untyped-def]
+    """The entry point: the value checks numpy would do one call each (offsets' ends, the
+    column ranges) and the choice of the serial or parallel kernel, in one call from
+    Python (each numpy call costs a microsecond or more, a sizeable share of a
+    2048-lookup batch). (``numba.get_num_threads()`` stays in Python: called here,
+    it would keep the function out of the on-disk cache.)"""
+    nnz = ids.size
+    n_tables = row_base.size
+    if col_base.size != n_tables:
+        return _BAD_N_COL_BASE
+    if offsets.size != n_tables * batch_size + 1:
+        return _BAD_N_OFFSETS
+    if out.shape[0] != batch_size:
+        return _BAD_OUT_ROWS
+    if weights is not None and weights.size != nnz:
+        return _BAD_N_WEIGHTS
+    if offsets[0] != 0 or offsets[offsets.size - 1] != nnz:
+        return _BAD_OFFSET_ENDS
+    width = W.shape[1]
+    for t in range(n_tables):
+        if col_base[t] < 0 or col_base[t] + width > out.shape[1]:
+            return _BAD_COL_BASE
+    n_bags = n_tables * batch_size
+    if n_bags == 0 or width == 0:
+        return _OK
+    if n_threads == 1 or nnz + n_bags < _PARALLEL_MIN_WORK:
+        # waking the other threads would cost more than it saves
+        _pool_serial(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
+                     D)
+    else:
+        _pool_parallel(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out,
+                       pd, n_threads, n_threads * _CHUNKS_PER_THREAD, D)
+    return _OK
 
 
 @njit(**PARALLEL)
@@ -341,10 +363,6 @@ _I64 = np.dtype(np.int64)
 
 
 _WIDTHS: dict[int, Width] = {}
-#: bag chunks per thread (handed out dynamically)
-_CHUNKS_PER_THREAD = 4
-#: below this many lookups + bags a call runs on the calling thread alone
-_PARALLEL_MIN_WORK = 2048
 
 
 def _fixed_width(D: int) -> bool:
@@ -376,7 +394,7 @@ def _check_vec(name: str, a: object, dtype: np.dtype) -> np.ndarray:
 def pool_arena(W: np.ndarray, Q: np.ndarray | None, ids: np.ndarray, offsets: np.ndarray, *,
                batch_size: int, row_base: np.ndarray, col_base: np.ndarray, out: np.ndarray,
                weights: np.ndarray | None = None, mode: str = "sum",
-               prefetch_distance: int = 16) -> None:
+               prefetch_distance: int = 48) -> None:
     """Pool the bags of a KeyedJaggedTensor batch over an arena into ``out``.
 
     ``W``: ``(n_rows, D)`` float32, float16 or int8 arena; int8 needs ``Q`` float32
@@ -404,12 +422,61 @@ def pool_arena(W: np.ndarray, Q: np.ndarray | None, ids: np.ndarray, offsets: np
     (InvalidBatchError). Thread-safe; releases the GIL; runs on
     ``numba.get_num_threads()`` threads of the calling thread.
     """
+    if not (type(W) is np.ndarray and W.dtype is _F32 and W.ndim == 2 and W.flags.c_contiguous
+            and _vec_ok(ids, _I64) and _vec_ok(offsets, _I64) and _vec_ok(row_base, _I64)
+            and _vec_ok(col_base, _I64) and type(out) is np.ndarray and out.dtype is _F32
+            and out.ndim == 2 and out.flags.c_contiguous and out.flags.writeable
+            and weights is None and mode == "sum"):
+        # anything but the common case (float32 arena, no weights, sum): every check
+        W, Q = _check_arena(W, Q)
+        _check_vec("ids", ids, _I64)
+        _check_vec("offsets", offsets, _I64)
+        _check_vec("row_base", row_base, _I64)
+        _check_vec("col_base", col_base, _I64)
+        if (not isinstance(out, np.ndarray) or out.ndim != 2 or out.dtype != _F32
+                or not out.flags.c_contiguous or not out.flags.writeable):
+            what = (f"{out.ndim}-D {out.dtype}" if isinstance(out, np.ndarray)
+                    else type(out).__name__)
+            raise _bad(f"out must be a writeable C-contiguous 2-D float32 array, got {what}")
+        if mode not in _MODES:
+            raise _bad(f"mode must be 'sum' or 'mean', got {mode!r}")
+        if weights is not None:
+            _check_vec("weights", weights, _F32)
+            if mode != "sum":
+                raise _bad("per-sample weights need mode='sum'")
+    else:
+        Q = None
+    B = int(batch_size)
+    if B < 0:
+        raise _bad(f"batch_size must be >= 0, got {B}")
+    pd = int(prefetch_distance)
+    if pd < 0:
+        raise _bad(f"prefetch_distance must be >= 0, got {pd}")
+    D = W.shape[1]
+    width = _WIDTHS.get(D)
+    if width is None:
+        width = _WIDTHS.setdefault(D, Width(D)) if _fixed_width(D) else D
+    status = _pool(W, Q, ids, offsets, row_base, B, col_base, weights, mode == "mean", out, pd,
+                   numba.get_num_threads(), width)
+    if status != _OK:
+        raise _bad(_refusal(status, ids, offsets, row_base, B, col_base, weights, out, D))
+
+
+def _vec_ok(a: object, dtype: np.dtype) -> bool:
+    """The fast test of what :func:`_check_vec` checks (``is``: numpy's own dtypes of
+    native byte order are singletons; any other passes through the full check)."""
+    return (type(a) is np.ndarray and a.dtype is dtype and a.ndim == 1  # type: ignore[union-attr]
+            and a.flags.c_contiguous)  # type: ignore[union-attr]
+
+
+def _check_arena(W: object, Q: object) -> tuple[np.ndarray, np.ndarray | None]:
+    """Check an arena (and its (scale, bias) for int8); float16 comes back as its bits."""
     if not isinstance(W, np.ndarray) or W.ndim != 2 or W.dtype not in _ARENA_DTYPES:
         what = f"{W.ndim}-D {W.dtype}" if isinstance(W, np.ndarray) else type(W).__name__
         raise _bad(f"W must be a 2-D float32, float16 or int8 arena, got {what}")
     if not W.flags.c_contiguous and not _rows_contiguous(W):
         raise _bad("W must be C-contiguous (or have contiguous rows at a positive row stride)")
-    n_rows, D = W.shape
+    n_rows = W.shape[0]
     if W.dtype == np.int8:
         if not isinstance(Q, np.ndarray) or Q.dtype != _F32 or Q.shape != (n_rows, 2):
             what = (f"{Q.dtype} {Q.shape}" if isinstance(Q, np.ndarray) else type(Q).__name__)
@@ -417,71 +484,36 @@ def pool_arena(W: np.ndarray, Q: np.ndarray | None, ids: np.ndarray, offsets: np
                        f"got {what}")
         if not Q.flags.c_contiguous and not _rows_contiguous(Q):
             raise _bad("Q must be C-contiguous (or have contiguous rows)")
-    else:
-        Q = None
-        if W.dtype == np.float16:
-            W = W.view(np.uint16)
-    _check_vec("ids", ids, _I64)
-    _check_vec("offsets", offsets, _I64)
-    _check_vec("row_base", row_base, _I64)
-    _check_vec("col_base", col_base, _I64)
+        return W, Q
+    return (W.view(np.uint16) if W.dtype == np.float16 else W), None
+
+
+def _refusal(status: int, ids: np.ndarray, offsets: np.ndarray, row_base: np.ndarray, B: int,
+             col_base: np.ndarray, weights: np.ndarray | None, out: np.ndarray, D: int) -> str:
+    """The message for a batch :func:`_pool` refused."""
     T = row_base.shape[0]
-    B = int(batch_size)
-    if B < 0:
-        raise _bad(f"batch_size must be >= 0, got {B}")
-    if col_base.shape[0] != T:
-        raise _bad(f"col_base has {col_base.shape[0]} entries, row_base {T}: one per table")
-    if offsets.shape[0] != T * B + 1:
-        raise _bad(f"offsets has {offsets.shape[0]} entries; {T} tables x batch_size {B} "
-                   f"needs {T * B + 1}")
-    nnz = ids.shape[0]
-    if offsets[0] != 0 or offsets[-1] != nnz:
-        raise _bad(f"offsets must start at 0 and end at len(ids) = {nnz}, got "
-                   f"[{offsets[0]}, ..., {offsets[-1]}]")
-    if (not isinstance(out, np.ndarray) or out.ndim != 2 or out.dtype != _F32
-            or not out.flags.c_contiguous or not out.flags.writeable):
-        what = (f"{out.ndim}-D {out.dtype}" if isinstance(out, np.ndarray)
-                else type(out).__name__)
-        raise _bad(f"out must be a writeable C-contiguous 2-D float32 array, got {what}")
-    if out.shape[0] != B:
-        raise _bad(f"out has {out.shape[0]} rows, batch_size is {B}")
-    if T and (col_base.min() < 0 or col_base.max() + D > out.shape[1]):
-        raise _bad(f"col_base must lie in [0, {out.shape[1] - D}] (out has {out.shape[1]} "
-                   f"columns, rows are {D} wide), got [{col_base.min()}, {col_base.max()}]")
-    if mode not in _MODES:
-        raise _bad(f"mode must be 'sum' or 'mean', got {mode!r}")
-    if weights is not None:
-        _check_vec("weights", weights, _F32)
-        if weights.shape[0] != nnz:
-            raise _bad(f"weights has {weights.shape[0]} entries, ids {nnz}: one per id")
-        if mode != "sum":
-            raise _bad("per-sample weights need mode='sum'")
-    pd = int(prefetch_distance)
-    if pd < 0:
-        raise _bad(f"prefetch_distance must be >= 0, got {pd}")
-    if T * B == 0 or D == 0:
-        return
-    n_threads = numba.get_num_threads()
-    if n_threads > 1 and nnz + T * B < _PARALLEL_MIN_WORK:
-        n_threads = 1  # waking the other threads would cost more than it saves
-    if _fixed_width(D):
-        width = _WIDTHS.get(D)
-        if width is None:
-            width = _WIDTHS.setdefault(D, Width(D))
-    else:
-        width = D
-    if n_threads == 1:
-        _pool_serial(W, Q, ids, offsets, row_base, B, col_base, weights, mode == "mean", out, pd,
-                     width)
-    else:
-        _pool_parallel(W, Q, ids, offsets, row_base, B, col_base, weights, mode == "mean", out,
-                       pd, n_threads, n_threads * _CHUNKS_PER_THREAD, width)
+    if status == _BAD_N_COL_BASE:
+        return f"col_base has {col_base.shape[0]} entries, row_base {T}: one per table"
+    if status == _BAD_N_OFFSETS:
+        return (f"offsets has {offsets.shape[0]} entries; {T} tables x batch_size {B} "
+                f"needs {T * B + 1}")
+    if status == _BAD_OUT_ROWS:
+        return f"out has {out.shape[0]} rows, batch_size is {B}"
+    if status == _BAD_N_WEIGHTS:
+        assert weights is not None
+        return f"weights has {weights.shape[0]} entries, ids {ids.shape[0]}: one per id"
+    if status == _BAD_OFFSET_ENDS:
+        return (f"offsets must start at 0 and end at len(ids) = {ids.shape[0]}, got "
+                f"[{offsets[0]}, ..., {offsets[-1]}]")
+    assert status == _BAD_COL_BASE, status
+    return (f"col_base must lie in [0, {out.shape[1] - D}] (out has {out.shape[1]} "
+            f"columns, rows are {D} wide), got [{col_base.min()}, {col_base.max()}]")
 
 
 def sparse_lengths_sum(table: np.ndarray, indices: np.ndarray, offsets: np.ndarray,
                        weights: np.ndarray | None = None, *, mode: str = "sum",
                        qparams: np.ndarray | None = None,
-                       prefetch_distance: int = 16) -> np.ndarray:
+                       prefetch_distance: int = 48) -> np.ndarray:
     """One-table EmbeddingBag: ``offsets`` has ``B + 1`` entries (include_last_offset).
 
     ``table``: float32, float16 or int8 ``(n_rows, D)`` (int8 with ``qparams``
@@ -520,7 +552,7 @@ def sparse_lengths_sum(table: np.ndarray, indices: np.ndarray, offsets: np.ndarr
     return out
 
 
-def gather_touch(W: np.ndarray, ids: np.ndarray, prefetch_distance: int = 16) -> float:
+def gather_touch(W: np.ndarray, ids: np.ndarray, prefetch_distance: int = 48) -> float:
     """Read one element per 64-byte line of each row ``W[ids]`` (parallel, with the same
     software prefetch as the pooling kernels): the memory's own limit for a gather of
     these rows. ``ids`` are not bounds-checked. Returns a meaningless checksum."""

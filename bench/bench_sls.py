@@ -233,7 +233,7 @@ def bench_fp32(n_rows: int, reps: int, misses: list[str]) -> None:
                 tab.add(f"pd{PD}/pd0 {dist:<7} pool {pooling:>3} thr {th}", B * pooling, ta, tb, r,
                         None)
 
-    print("\n-- gather_touch (one 4-byte read per 64-byte line, no arithmetic) vs ours,"
+    print("\n-- gather_touch (the same rows summed into one vector: no bags, no stores) vs ours,"
           " same kind of ids")
     print("   (anchor column = gather_touch rows/s: what the memory allows)")
     tab = Table()

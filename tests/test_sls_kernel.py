@@ -320,9 +320,17 @@ def test_pool_arena_checks_shapes_and_dtypes(small):  # type: ignore[no-untyped-
 def test_gather_touch_reads_the_rows():
     W = np.ones((100, 64), np.float32)
     ids = np.arange(100, dtype=np.int64)
-    assert gather_touch(W, ids) == 100 * 4  # one element per 64-byte line
-    assert gather_touch(W.astype(np.float16), ids) == 100 * 2 * 0x3C00  # the half bits of 1.0
+    assert gather_touch(W, ids) == 100 * 64
+    assert gather_touch(W.astype(np.float16), ids) == 100 * 64
     assert gather_touch(W, np.zeros(0, np.int64)) == 0.0
+    rng = np.random.default_rng(0)
+    V = rng.standard_normal((1000, 12)).astype(np.float32)
+    some = rng.integers(0, 1000, 5000)
+    for pd in (0, 48):
+        assert gather_touch(V, some, pd) == pytest.approx(float(V[some].sum(dtype=np.float64)),
+                                                           rel=1e-5)
+    with pytest.raises(InvalidBatchError, match="width 6"):
+        gather_touch(np.ones((4, 6), np.float32), ids[:2])
 
 
 # -- conventions ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 The pooling kernels keep a pooled row in an ``F32Vec(D)`` (an LLVM ``<D x float>``
 value: registers, not memory) when ``D`` is known at compile time; the width reaches
-a kernel as a ``Width`` object (Numba type ``WidthTag(D)``). None of these check
+a kernel as a width token (:func:`width_token`). None of these check
 bounds: callers pass validated rows.
 """
 
@@ -12,7 +12,7 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.core.datamodel import models
-from numba.extending import NativeValue, intrinsic, register_model, typeof_impl, unbox
+from numba.extending import intrinsic, register_model
 
 _I32 = ir.IntType(32)
 #: llvm.prefetch locality of prefetch_bytes: 2 = prefetcht1 (see prefetch_bytes)
@@ -116,27 +116,38 @@ class _F32VecModel(models.PrimitiveModel):
         super().__init__(dmm, fe_type, ir.VectorType(ir.FloatType(), fe_type.count))
 
 
-class WidthTag(types.Type):
-    """A compile-time width carried by a value's type (a one-byte dummy at run time).
-
-    Unlike an integer literal, it survives being passed into a parfor (prange) body.
-    """
-
-    def __init__(self, count: int) -> None:
-        self.count = int(count)
-        super().__init__(name=f"WidthTag({self.count})")
+#: bits of a width token (widths up to 1023)
+_WIDTH_BITS = 10
 
 
-@register_model(WidthTag)
-class _WidthTagModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):  # type: ignore[no-untyped-def]
-        super().__init__(dmm, fe_type, ir.IntType(8))
+def width_token(n: int) -> tuple[float | int, ...]:
+    """A row width as a tuple whose element *types* spell it in binary (bit ``i`` set:
+    a float, else an int): a kernel taking one is compiled (and cached) once per width,
+    the width a compile-time constant inside. Numba's dispatcher types such a tuple in
+    C (~0.2 us); a custom Python type took its Python fallback (~1.5 us a call), and an
+    integer literal would not survive being passed into a parfor (prange) body."""
+    n = int(n)
+    if not 0 < n < (1 << _WIDTH_BITS):
+        raise ValueError(f"width {n} out of range for a width token")
+    return tuple(0.0 if (n >> i) & 1 else 0 for i in range(_WIDTH_BITS))
+
+
+def token_width(t):  # type: ignore[no-untyped-def]
+    """The width a Numba type of :func:`width_token` spells, or None (compile time)."""
+    if not isinstance(t, types.BaseTuple) or len(t) != _WIDTH_BITS:
+        return None
+    if not all(isinstance(e, (types.Float, types.Integer)) for e in t.types):
+        return None
+    n = sum(1 << i for i, e in enumerate(t.types) if isinstance(e, types.Float))
+    return n or None
 
 
 def _literal_width(n):  # type: ignore[no-untyped-def]
-    """Width from an integer literal, a ``WidthTag`` or an ``F32Vec``."""
-    if isinstance(n, (F32Vec, WidthTag)):
+    """Width from an integer literal, a width token or an ``F32Vec``."""
+    if isinstance(n, F32Vec):
         return n.count
+    if isinstance(n, types.BaseTuple):
+        return token_width(n)
     if isinstance(n, types.IntegerLiteral) and n.literal_value > 0:
         return int(n.literal_value)
     return None
@@ -151,7 +162,7 @@ def _splat(builder, value, count):  # type: ignore[no-untyped-def]
 
 @intrinsic
 def vzero(typingctx, n):  # type: ignore[no-untyped-def]
-    """A zero ``F32Vec(n)`` (``n`` an integer literal or a ``WidthTag``)."""
+    """A zero ``F32Vec(n)`` (``n`` an integer literal or a width token)."""
     count = _literal_width(n)
     if count is None:
         return None
@@ -253,34 +264,6 @@ def data_address(typingctx, arr):  # type: ignore[no-untyped-def]
         return builder.ptrtoint(ary.data, context.get_value_type(types.intp))
 
     return types.intp(arr), codegen
-
-
-class Width:
-    """A row width passed from Python to a kernel as a compile-time constant.
-
-    Its Numba type is ``WidthTag(n)``: a kernel taking one is compiled (and cached)
-    once per width, without the per-call cost of ``numba.literally``.
-    """
-
-    __slots__ = ("n", "numba_type")
-
-    def __init__(self, n: int) -> None:
-        self.n = int(n)
-        # built once: constructing (interning) a Numba type on every call cost ~2 us
-        self.numba_type = WidthTag(self.n)
-
-    def __repr__(self) -> str:
-        return f"Width({self.n})"
-
-
-@typeof_impl.register(Width)
-def _typeof_width(val, c):  # type: ignore[no-untyped-def]
-    return val.numba_type
-
-
-@unbox(WidthTag)
-def _unbox_width(typ, obj, c):  # type: ignore[no-untyped-def]
-    return NativeValue(ir.Constant(ir.IntType(8), 0))
 
 
 @intrinsic

@@ -19,7 +19,7 @@ and their positions, a cache its slot pool and the slots.
 How the kernels are built (see bench/bench_sls.py for the figures):
 
 - widths ``D % 4 == 0`` up to 512 get a kernel compiled for that width (passed as a
-  ``Width`` object, one cached specialisation per width): the pooled row is an
+  width token, one cached specialisation per width): the pooled row is an
   LLVM ``<D x float>`` value kept in registers, each lookup is D/8 AVX2 adds (fp16:
   ``vcvtph2ps``; int8: sign-extend, convert, one FMA by the row's scale, the biases
   summed apart); other widths use a run-time-width loop over a scratch row;
@@ -32,9 +32,11 @@ How the kernels are built (see bench/bench_sls.py for the figures):
   to 1.2-1.9x of EmbeddingBag. The prefetches are written inline (a helper taking the
   arrays costs NRT incref/decref per lookup). (An earlier mode that prefetched short
   bags by blocks of rows measured slower than this one everywhere and is gone.);
-- bags are cut into ``4 x threads`` chunks of equal work (lookups + bags), which the
-  threads take from an atomic counter; each chunk runs table by table, so the row
-  base of a table is a loop constant; batches under 2048 lookups + bags, and every
+- bags are cut into ``8 x threads`` chunks of equal work (lookups + bags), which the
+  threads take from an atomic counter; a thread claims its next chunk as it starts
+  one and prefetches that chunk's first rows, so a chunk does not start with an empty
+  pipeline; each chunk runs table by table, so the row base of a table is a loop
+  constant; batches under 2048 lookups + bags, and every
   batch when Numba has one thread, run on the calling thread through a serial
   entry point (no parallel region to launch);
 - float32 sums in id order (bit-equal to torch.nn.EmbeddingBag(sum) for float32
@@ -49,17 +51,17 @@ import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
+from numba.np.ufunc import parallel as _npar
 
 from tiermem.errors import InvalidBatchError
 from tiermem.kernels._flags import PARALLEL, SERIAL
 from tiermem.kernels._intrinsics import (
-    Width,
-    WidthTag,
     atomic_fetch_add,
     data_address,
     half_to_float,
     load_pair,
     prefetch_bytes,
+    token_width,
     vadd,
     vadd_scalar,
     vfma,
@@ -68,12 +70,13 @@ from tiermem.kernels._intrinsics import (
     vscale,
     vstore_row,
     vzero,
+    width_token,
 )
 from tiermem.kernels.validate import check_ids, check_offsets
 
 _LINE = 64  # bytes per cache line
 #: bag chunks per thread (handed out dynamically)
-_CHUNKS_PER_THREAD = 4
+_CHUNKS_PER_THREAD = 8
 #: below this many lookups + bags a call runs on the calling thread alone
 _PARALLEL_MIN_WORK = 2048
 
@@ -94,10 +97,11 @@ def _pool_segment_impl(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, m
     itemsize = W.dtype.bitwidth // 8
     # (The prefetches are written out inline below: a helper function taking the arrays
     # would cost NRT incref/decref calls per lookup.)
-    if isinstance(D, WidthTag):
-        # width known at compile time (D is a WidthTag: a literal int would not survive
-        # parfor lowering): the pooled row is an <D x float> value held in registers
-        row_bytes = D.count * itemsize
+    fixed = token_width(D)
+    if fixed is not None:
+        # width known at compile time (D is a width token): the pooled row is an
+        # <D x float> value held in registers
+        row_bytes = fixed * itemsize
         n_lines = (row_bytes + _LINE - 1) // _LINE
 
         def seg_const(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
@@ -243,10 +247,38 @@ def _chunk_start(offsets, c, nc):  # type: ignore[no-untyped-def]
     return lo
 
 
+def _prefetch_rows(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_prefetch_rows, jit_options=SERIAL)
+def _prefetch_rows_impl(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]
+    """Prefetch (into L2) the rows ``base + ids[i0:i1]`` (and their (scale, bias))."""
+    quant = str(W.dtype) == "int8"
+
+    def impl(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]
+        row_bytes = W.shape[1] * W.itemsize
+        for p in range(i0, i1):
+            rp = base + ids[p]
+            for k in range(0, row_bytes, _LINE):
+                prefetch_bytes(W, rp, k)
+            if not aligned:
+                prefetch_bytes(W, rp, row_bytes - 1)
+            if quant:
+                prefetch_bytes(Q, rp, 0)
+
+    return impl
+
+
 @njit(**SERIAL)
 def _pool_chunks(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
                  counter, nc, D):  # type: ignore[no-untyped-def]
-    """One thread's share: take chunks of bags from ``counter`` until none is left."""
+    """One thread's share: take chunks of bags from ``counter`` until none is left.
+
+    A thread claims its next chunk as it starts one and prefetches that chunk's first
+    ``pd`` rows right away: the first lookups of a chunk would otherwise wait for DRAM
+    with nothing in flight (~0.5 us a chunk measured), which made fine chunks costly.
+    """
     # rows start on a cache line: prefetching the lines 0, 64, ... of a row is enough
     aligned = data_address(W) % _LINE == 0 and W.strides[0] % _LINE == 0
     acc = np.empty(W.shape[1], np.float32)  # scratch row of the run-time-width kernel
@@ -254,6 +286,14 @@ def _pool_chunks(W, Q, ids, offsets, row_base, batch_size, col_base, weights, me
     while c < nc:
         j0 = _chunk_start(offsets, c, nc)
         j1 = _chunk_start(offsets, c + 1, nc)
+        c_next = atomic_fetch_add(counter, 0, 1)
+        if pd > 0 and c_next < nc:
+            jn = _chunk_start(offsets, c_next, nc)
+            if jn < offsets.size - 1:
+                t = jn // batch_size
+                i0 = offsets[jn]
+                _prefetch_rows(W, Q, ids, i0, min(i0 + pd, offsets[(t + 1) * batch_size]),
+                               row_base[t], aligned)
         j = j0
         while j < j1:
             t = j // batch_size
@@ -261,46 +301,20 @@ def _pool_chunks(W, Q, ids, offsets, row_base, batch_size, col_base, weights, me
             _pool_segment(W, Q, ids, offsets, j, jb, row_base[t], out, j - t * batch_size,
                           col_base[t], weights, mean, pd, aligned, acc, D)
             j = jb
-        c = atomic_fetch_add(counter, 0, 1)
+        c = c_next
 
 
-@njit(**PARALLEL)
-def _pool_parallel(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
-                   n_threads, n_chunks, D):  # type: ignore[no-untyped-def]
-    """``D``: a ``Width`` (compile-time constant) or an int (run-time width)."""
-    n_bags = offsets.size - 1
-    nc = max(1, min(n_chunks, n_bags))
-    nt = max(1, min(n_threads, nc))
-    # one prange step per thread; the threads take chunks of bags from a shared counter,
-    # so one slowed down (by another process) does not hold the batch up
-    counter = np.zeros(1, np.int64)
-    for _ in prange(nt):
-        _pool_chunks(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
-                     counter, nc, D)
-
-
-@njit(**SERIAL)
-def _pool_serial(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
-                 D):  # type: ignore[no-untyped-def]
-    """The whole batch on the calling thread (no parallel region to launch)."""
-    counter = np.zeros(1, np.int64)
-    _pool_chunks(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
-                 counter, 1, D)
-
-
-#: what _pool returns for a batch it refused (the wrapper turns it into a message)
+#: what the entry points return for a batch they refused (the wrapper words the message)
 _OK, _BAD_OFFSET_ENDS, _BAD_COL_BASE, _BAD_N_COL_BASE, _BAD_N_OFFSETS, _BAD_OUT_ROWS, \
     _BAD_N_WEIGHTS = range(7)
 
 
 @njit(**SERIAL)
-def _pool(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
-          n_threads, D):  # type: ignore[no-untyped-def]
-    """The entry point: the value checks numpy would do one call each (offsets' ends, the
-    column ranges) and the choice of the serial or parallel kernel, in one call from
-    Python (each numpy call costs a microsecond or more, a sizeable share of a
-    2048-lookup batch). (``numba.get_num_threads()`` stays in Python: called here,
-    it would keep the function out of the on-disk cache.)"""
+def _check_batch(W, ids, offsets, row_base, batch_size, col_base, weights,
+                 out):  # type: ignore[no-untyped-def]
+    """The value checks numpy would make one call each (sizes, offsets' ends, column
+    ranges), done inside the kernel's own call: each numpy call from Python costs a
+    microsecond or more, a sizeable share of a 2048-lookup batch."""
     nnz = ids.size
     n_tables = row_base.size
     if col_base.size != n_tables:
@@ -313,44 +327,85 @@ def _pool(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out
         return _BAD_N_WEIGHTS
     if offsets[0] != 0 or offsets[offsets.size - 1] != nnz:
         return _BAD_OFFSET_ENDS
-    width = W.shape[1]
     for t in range(n_tables):
-        if col_base[t] < 0 or col_base[t] + width > out.shape[1]:
+        if col_base[t] < 0 or col_base[t] + W.shape[1] > out.shape[1]:
             return _BAD_COL_BASE
-    n_bags = n_tables * batch_size
-    if n_bags == 0 or width == 0:
-        return _OK
-    if n_threads == 1 or nnz + n_bags < _PARALLEL_MIN_WORK:
-        # waking the other threads would cost more than it saves
-        _pool_serial(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
-                     D)
-    else:
-        _pool_parallel(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out,
-                       pd, n_threads, n_threads * _CHUNKS_PER_THREAD, D)
     return _OK
 
 
 @njit(**PARALLEL)
-def _gather_touch(W, ids, step, pd, n_chunks):  # type: ignore[no-untyped-def]
-    """Read one element per cache line of each row ``W[ids]`` (lines prefetched ``pd``
-    rows ahead, as the pooling kernels do): what the memory alone allows."""
+def _pool_parallel(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
+                   n_threads, n_chunks, D):  # type: ignore[no-untyped-def]
+    """Check the batch (:func:`_check_batch`), then pool it on ``n_threads`` threads.
+
+    ``D``: a width token (compile-time constant) or an int (run-time width).
+    """
+    status = _check_batch(W, ids, offsets, row_base, batch_size, col_base, weights, out)
+    n_bags = offsets.size - 1
+    if status != _OK or n_bags == 0 or W.shape[1] == 0:
+        return status
+    nc = max(1, min(n_chunks, n_bags))
+    nt = max(1, min(n_threads, nc))
+    # one prange step per thread; the threads take chunks of bags from a shared counter,
+    # so one slowed down (by another process) does not hold the batch up
+    counter = np.zeros(1, np.int64)
+    for _ in prange(nt):
+        _pool_chunks(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
+                     counter, nc, D)
+    return _OK
+
+
+@njit(**SERIAL)
+def _pool_serial(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
+                 D):  # type: ignore[no-untyped-def]
+    """Check the batch, then pool it on the calling thread (no parallel region to
+    launch). A separate entry from :func:`_pool_parallel` so that a process that only
+    runs small batches never compiles the parallel kernel."""
+    status = _check_batch(W, ids, offsets, row_base, batch_size, col_base, weights, out)
+    if status != _OK or offsets.size == 1 or W.shape[1] == 0:
+        return status
+    counter = np.zeros(1, np.int64)
+    _pool_chunks(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
+                 counter, 1, D)
+    return _OK
+
+
+@njit(**SERIAL)
+def _gather_chunk(W, ids, i0, i1, pd, scratch, D):  # type: ignore[no-untyped-def]
+    """Sum of the rows ``W[ids[i0:i1]]`` (float32 or float16 bits), prefetched as the
+    pooling kernels prefetch, and nothing else: no bags, no stores."""
+    row_bytes = W.shape[1] * W.itemsize
+    for p in range(i0, min(i0 + pd, i1)):
+        for k in range(0, row_bytes, _LINE):
+            prefetch_bytes(W, ids[p], k)
+    v = vzero(D)
+    for i in range(i0, i1):
+        p = i + pd
+        if pd > 0 and p < i1:
+            rp = ids[p]
+            for k in range(0, row_bytes, _LINE):
+                prefetch_bytes(W, rp, k)
+        v = vadd(v, vload_row(W, ids[i], D))
+    vstore_row(scratch, 0, 0, v)
+    return scratch.astype(np.float64).sum()
+
+
+@njit(**PARALLEL)
+def _gather_parallel(W, ids, pd, n_threads, n_chunks, D):  # type: ignore[no-untyped-def]
+    """Chunks of ids handed out from an atomic counter (as in :func:`_pool_parallel`)."""
     n = ids.size
     nc = max(1, min(n_chunks, n))
-    row_bytes = W.shape[1] * W.itemsize
-    tot = np.zeros(nc, np.float64)
-    for c in prange(nc):
+    nt = max(1, min(n_threads, nc))
+    counter = np.zeros(1, np.int64)
+    tot = np.zeros(nt, np.float64)
+    for t in prange(nt):
+        scratch = np.empty((1, W.shape[1]), np.float32)
         s = 0.0
-        i0 = c * n // nc
-        i1 = (c + 1) * n // nc
-        for i in range(i0, i1):
-            p = i + pd
-            if pd > 0 and p < i1:
-                for k in range(0, row_bytes, _LINE):
-                    prefetch_bytes(W, ids[p], k)
-            r = ids[i]
-            for k in range(0, W.shape[1], step):
-                s += W[r, k]
-        tot[c] = s
+        c = atomic_fetch_add(counter, 0, 1)
+        while c < nc:
+            s += _gather_chunk(W, ids, c * n // nc, (c + 1) * n // nc, pd, scratch, D)
+            c = atomic_fetch_add(counter, 0, 1)
+        tot[t] = s
     return tot.sum()
 
 
@@ -362,7 +417,17 @@ _F32 = np.dtype(np.float32)
 _I64 = np.dtype(np.int64)
 
 
-_WIDTHS: dict[int, Width] = {}
+_WIDTHS: dict[int, tuple[float | int, ...]] = {}
+
+
+def _num_threads() -> int:
+    """``numba.get_num_threads()`` without its per-call lock once the pool is up (the
+    same thread-local value, read by Numba's own accessor; ~1 us -> ~0.2 us)."""
+    if _npar._is_initialized:
+        n = _npar._get_num_threads()
+        if n > 0:
+            return int(n)
+    return numba.get_num_threads()
 
 
 def _fixed_width(D: int) -> bool:
@@ -455,9 +520,15 @@ def pool_arena(W: np.ndarray, Q: np.ndarray | None, ids: np.ndarray, offsets: np
     D = W.shape[1]
     width = _WIDTHS.get(D)
     if width is None:
-        width = _WIDTHS.setdefault(D, Width(D)) if _fixed_width(D) else D
-    status = _pool(W, Q, ids, offsets, row_base, B, col_base, weights, mode == "mean", out, pd,
-                   numba.get_num_threads(), width)
+        width = _WIDTHS.setdefault(D, width_token(D)) if _fixed_width(D) else D
+    n_threads = _num_threads()
+    if n_threads > 1 and ids.shape[0] + offsets.shape[0] > _PARALLEL_MIN_WORK:
+        status = _pool_parallel(W, Q, ids, offsets, row_base, B, col_base, weights,
+                                mode == "mean", out, pd, n_threads,
+                                n_threads * _CHUNKS_PER_THREAD, width)
+    else:  # waking the other threads would cost more than it saves
+        status = _pool_serial(W, Q, ids, offsets, row_base, B, col_base, weights,
+                              mode == "mean", out, pd, width)
     if status != _OK:
         raise _bad(_refusal(status, ids, offsets, row_base, B, col_base, weights, out, D))
 
@@ -490,7 +561,7 @@ def _check_arena(W: object, Q: object) -> tuple[np.ndarray, np.ndarray | None]:
 
 def _refusal(status: int, ids: np.ndarray, offsets: np.ndarray, row_base: np.ndarray, B: int,
              col_base: np.ndarray, weights: np.ndarray | None, out: np.ndarray, D: int) -> str:
-    """The message for a batch :func:`_pool` refused."""
+    """The message for a batch :func:`_check_batch` refused."""
     T = row_base.shape[0]
     if status == _BAD_N_COL_BASE:
         return f"col_base has {col_base.shape[0]} entries, row_base {T}: one per table"
@@ -553,14 +624,21 @@ def sparse_lengths_sum(table: np.ndarray, indices: np.ndarray, offsets: np.ndarr
 
 
 def gather_touch(W: np.ndarray, ids: np.ndarray, prefetch_distance: int = 48) -> float:
-    """Read one element per 64-byte line of each row ``W[ids]`` (parallel, with the same
-    software prefetch as the pooling kernels): the memory's own limit for a gather of
-    these rows. ``ids`` are not bounds-checked. Returns a meaningless checksum."""
-    if not isinstance(W, np.ndarray) or W.ndim != 2 or not W.flags.c_contiguous:
-        raise _bad("W must be a C-contiguous 2-D array")
+    """Sum the rows ``W[ids]`` and nothing else (parallel, chunked and prefetched as the
+    pooling kernels are, no bags, no output rows): what the memory allows a gather of
+    these rows, the bound of :func:`pool_arena` on the same ids. ``W`` float32 or
+    float16, C-contiguous, a width with a compiled kernel (``D % 4 == 0``, ``D <= 512``).
+    ``ids`` are not bounds-checked. Returns the sum of the gathered values (float64)."""
+    if (not isinstance(W, np.ndarray) or W.ndim != 2 or not W.flags.c_contiguous
+            or W.dtype not in (_F32, np.dtype(np.float16))):
+        raise _bad("W must be a C-contiguous 2-D float32 or float16 array")
+    if not _fixed_width(W.shape[1]):
+        raise _bad(f"W's width {W.shape[1]} has no compiled kernel (D % 4 == 0, 4 <= D <= 512)")
     if W.dtype == np.float16:
         W = W.view(np.uint16)
     _check_vec("ids", ids, _I64)
-    step = max(1, _LINE // W.dtype.itemsize)
-    return float(_gather_touch(W, ids, step, max(0, int(prefetch_distance)),
-                               numba.get_num_threads()))
+    D = W.shape[1]
+    width = _WIDTHS.get(D) or _WIDTHS.setdefault(D, width_token(D))
+    n_threads = numba.get_num_threads()
+    return float(_gather_parallel(W, ids, max(0, int(prefetch_distance)), n_threads,
+                                  n_threads * _CHUNKS_PER_THREAD, width))

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tiermem.errors import InvalidBatchError
-from tiermem.kernels import sls
+from tiermem.kernels import sls, threads
 from tiermem.kernels.sls import gather_touch, pool_arena, sparse_lengths_sum
 from tiermem.quantize import dequantize_rows, quantize_rows
 
@@ -67,7 +67,7 @@ def batches(draw, max_rows=300, dims=ALL_DIMS, max_b=12, max_pool=200):  # type:
 
 
 MODES = st.sampled_from(["sum", "mean", "weighted"])
-PDS = st.sampled_from([0, 16])
+PDS = st.sampled_from([0, 16, 48])
 
 
 def _run(table, ids, offsets, weights, mode, pd, **kw):  # type: ignore[no-untyped-def]
@@ -151,6 +151,45 @@ def test_multi_table_arena_with_row_and_col_bases(T, B, D, mode, pd, seed):  # t
         _assert_close(out[:, cols], ref, mag)
         covered[cols] = True
     assert (out[:, ~covered] == 7.0).all()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 3), st.sampled_from([600, 1500]), st.sampled_from([12, 64]),
+       st.sampled_from(["float32", "float16", "int8"]), st.sampled_from(["sum", "weighted"]),
+       st.sampled_from([1, 2]), st.integers(0, 2**32 - 1))
+def test_parallel_path_matches_reference(T, B, D, dtype, mode, n_threads, seed):  # type: ignore[no-untyped-def]
+    """Batches big enough for the parallel kernel (many chunks, chunk and table
+    boundaries crossing, each chunk's first rows prefetched by the thread that claimed
+    it), on 1 and 2 threads, against a per-table EmbeddingBag reference."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 3000, T)
+    row_base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    rows = rng.standard_normal((int(sizes.sum()), D)).astype(np.float32)
+    Q = None
+    if dtype == "int8":
+        W, Q = quantize_rows(rows)
+        ref_rows = dequantize_rows(W, Q).astype(np.float32)
+    else:
+        W = rows.astype(dtype)
+        ref_rows = W.astype(np.float32)
+    lengths = rng.integers(0, 5, T * B)  # short bags, empty ones among them
+    offsets = np.zeros(T * B + 1, np.int64)
+    offsets[1:] = np.cumsum(lengths)
+    ids = np.concatenate([rng.integers(0, sizes[j // B], lengths[j]) for j in range(T * B)]
+                         ).astype(np.int64)
+    weights = rng.uniform(-1, 1, ids.size).astype(np.float32) if mode == "weighted" else None
+    col_base = (np.arange(T) * D).astype(np.int64)
+    out = np.zeros((B, T * D), np.float32)
+    with threads(n_threads):
+        pool_arena(W, Q, ids, offsets, batch_size=B, row_base=row_base, col_base=col_base,
+                   out=out, weights=weights)
+    for t in range(T):
+        sl = slice(offsets[t * B], offsets[(t + 1) * B])
+        offs_t = offsets[t * B:(t + 1) * B + 1] - offsets[t * B]
+        table_t = ref_rows[row_base[t]:row_base[t] + sizes[t]]
+        ref, mag = _ref(table_t, ids[sl], offs_t, None if weights is None else weights[sl],
+                        mode)
+        _assert_close(out[:, t * D:(t + 1) * D], ref, mag)
 
 
 @pytest.mark.parametrize("D", [5, 64])

@@ -81,6 +81,29 @@ _CHUNKS_PER_THREAD = 8
 _PARALLEL_MIN_WORK = 2048
 
 
+def _prefetch_rows(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_prefetch_rows, jit_options=SERIAL)
+def _prefetch_rows_impl(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]
+    """Prefetch (into L2) the rows ``base + ids[i0:i1]`` (and their (scale, bias))."""
+    quant = str(W.dtype) == "int8"
+
+    def impl(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]
+        row_bytes = W.shape[1] * W.itemsize
+        for p in range(i0, i1):
+            rp = base + ids[p]
+            for k in range(0, row_bytes, _LINE):
+                prefetch_bytes(W, rp, k)
+            if not aligned:
+                prefetch_bytes(W, rp, row_bytes - 1)
+            if quant:
+                prefetch_bytes(Q, rp, 0)
+
+    return impl
+
+
 def _pool_segment(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
                   acc, D):  # type: ignore[no-untyped-def]  # pragma: no cover
     raise NotImplementedError
@@ -107,16 +130,9 @@ def _pool_segment_impl(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, m
         def seg_const(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
                       acc, D):  # type: ignore[no-untyped-def]
             i_end = offsets[jb]
-            if pd > 0:
+            if pd > 0:  # the first pd rows; then one row pd lookups ahead per lookup
                 i0 = offsets[ja]
-                for p in range(i0, min(i0 + pd, i_end)):
-                    rp = base + ids[p]
-                    for k in range(n_lines):
-                        prefetch_bytes(W, rp, k * _LINE)
-                    if not aligned:
-                        prefetch_bytes(W, rp, row_bytes - 1)
-                    if quant:
-                        prefetch_bytes(Q, rp, 0)
+                _prefetch_rows(W, Q, ids, i0, min(i0 + pd, i_end), base, aligned)
             b = b0
             for j in range(ja, jb):
                 s = offsets[j]
@@ -165,14 +181,7 @@ def _pool_segment_impl(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, m
         i_end = offsets[jb]
         if pd > 0:
             i0 = offsets[ja]
-            for p in range(i0, min(i0 + pd, i_end)):
-                rp = base + ids[p]
-                for k in range(0, nb, _LINE):
-                    prefetch_bytes(W, rp, k)
-                if not aligned:
-                    prefetch_bytes(W, rp, nb - 1)
-                if quant:
-                    prefetch_bytes(Q, rp, 0)
+            _prefetch_rows(W, Q, ids, i0, min(i0 + pd, i_end), base, aligned)
         b = b0
         for j in range(ja, jb):
             s = offsets[j]
@@ -245,29 +254,6 @@ def _chunk_start(offsets, c, nc):  # type: ignore[no-untyped-def]
         else:
             lo = mid + 1
     return lo
-
-
-def _prefetch_rows(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]  # pragma: no cover
-    raise NotImplementedError
-
-
-@overload(_prefetch_rows, jit_options=SERIAL)
-def _prefetch_rows_impl(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]
-    """Prefetch (into L2) the rows ``base + ids[i0:i1]`` (and their (scale, bias))."""
-    quant = str(W.dtype) == "int8"
-
-    def impl(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]
-        row_bytes = W.shape[1] * W.itemsize
-        for p in range(i0, i1):
-            rp = base + ids[p]
-            for k in range(0, row_bytes, _LINE):
-                prefetch_bytes(W, rp, k)
-            if not aligned:
-                prefetch_bytes(W, rp, row_bytes - 1)
-            if quant:
-                prefetch_bytes(Q, rp, 0)
-
-    return impl
 
 
 @njit(**SERIAL)

@@ -32,14 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numba  # noqa: E402
 import torch  # noqa: E402
 
-from tiermem.kernels.sls import gather_touch, pool_arena  # noqa: E402
+from tiermem.kernels.sls import PREFETCH_DISTANCE, gather_touch, pool_arena  # noqa: E402
 
 B = 2048  # bags per batch
 D = 64
 POOLINGS = (1, 32, 100)
 DISTS = ("uniform", "zipf")
 THREADS = (1, 2)
-PD = 48  # prefetch distance of ours (the library default)
+PD = PREFETCH_DISTANCE  # prefetch distance of ours (the library default)
 
 
 def cpu_model() -> str:

@@ -45,7 +45,7 @@ How the kernels are built (see bench/bench_sls.py for the figures):
 
 from __future__ import annotations
 
-__all__ = ["gather_touch", "pool_arena", "sparse_lengths_sum"]
+__all__ = ["PREFETCH_DISTANCE", "gather_touch", "pool_arena", "sparse_lengths_sum"]
 
 import numba
 import numpy as np
@@ -75,14 +75,16 @@ from tiermem.kernels._intrinsics import (
 from tiermem.kernels.validate import check_ids, check_offsets
 
 _LINE = 64  # bytes per cache line
+#: default software prefetch distance, in lookups (16-64 compared: 48-64 best)
+PREFETCH_DISTANCE = 48
 #: bag chunks per thread (handed out dynamically)
 _CHUNKS_PER_THREAD = 8
 #: below this many lookups + bags a call runs on the calling thread alone
 _PARALLEL_MIN_WORK = 2048
 
 
-def _prefetch_rows(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]  # pragma: no cover
-    raise NotImplementedError
+def _prefetch_rows(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]
+    raise NotImplementedError  # pragma: no cover
 
 
 @overload(_prefetch_rows, jit_options=SERIAL)
@@ -118,8 +120,8 @@ def _pool_segment_impl(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, m
     weighted = not isinstance(weights, (types.NoneType, types.Omitted))
 
     itemsize = W.dtype.bitwidth // 8
-    # (The prefetches are written out inline below: a helper function taking the arrays
-    # would cost NRT incref/decref calls per lookup.)
+    # (The per-lookup prefetches are written out inline below: a helper function taking
+    # the arrays would cost NRT incref/decref calls per lookup.)
     fixed = token_width(D)
     if fixed is not None:
         # width known at compile time (D is a width token): the pooled row is an
@@ -361,9 +363,7 @@ def _gather_chunk(W, ids, i0, i1, pd, scratch, D):  # type: ignore[no-untyped-de
     """Sum of the rows ``W[ids[i0:i1]]`` (float32 or float16 bits), prefetched as the
     pooling kernels prefetch, and nothing else: no bags, no stores."""
     row_bytes = W.shape[1] * W.itemsize
-    for p in range(i0, min(i0 + pd, i1)):
-        for k in range(0, row_bytes, _LINE):
-            prefetch_bytes(W, ids[p], k)
+    _prefetch_rows(W, None, ids, i0, min(i0 + pd, i1), 0, True)
     v = vzero(D)
     for i in range(i0, i1):
         p = i + pd
@@ -409,11 +409,22 @@ _WIDTHS: dict[int, tuple[float | int, ...]] = {}
 def _num_threads() -> int:
     """``numba.get_num_threads()`` without its per-call lock once the pool is up (the
     same thread-local value, read by Numba's own accessor; ~1 us -> ~0.2 us)."""
-    if _npar._is_initialized:
+    if getattr(_npar, "_is_initialized", False):
         n = _npar._get_num_threads()
         if n > 0:
             return int(n)
-    return numba.get_num_threads()
+    return numba.get_num_threads()  # first call, or a Numba without these internals
+
+
+def _width_arg(D: int) -> tuple[float | int, ...] | int:
+    """What the kernels take as ``D``: the width's token (a kernel compiled for that
+    width) for widths :func:`_fixed_width` accepts, else the width itself."""
+    token = _WIDTHS.get(D)
+    if token is None:
+        if not _fixed_width(D):
+            return D
+        token = _WIDTHS.setdefault(D, width_token(D))
+    return token
 
 
 def _fixed_width(D: int) -> bool:
@@ -445,7 +456,7 @@ def _check_vec(name: str, a: object, dtype: np.dtype) -> np.ndarray:
 def pool_arena(W: np.ndarray, Q: np.ndarray | None, ids: np.ndarray, offsets: np.ndarray, *,
                batch_size: int, row_base: np.ndarray, col_base: np.ndarray, out: np.ndarray,
                weights: np.ndarray | None = None, mode: str = "sum",
-               prefetch_distance: int = 48) -> None:
+               prefetch_distance: int = PREFETCH_DISTANCE) -> None:
     """Pool the bags of a KeyedJaggedTensor batch over an arena into ``out``.
 
     ``W``: ``(n_rows, D)`` float32, float16 or int8 arena; int8 needs ``Q`` float32
@@ -453,7 +464,8 @@ def pool_arena(W: np.ndarray, Q: np.ndarray | None, ids: np.ndarray, offsets: np
     ignored (may be None) otherwise. Both C-contiguous, or row-strided views with
     contiguous rows: an int8 arena that keeps each row's (scale, bias) right after the
     row (``buf = (n_rows, D + 8)`` uint8, ``W = buf[:, :D].view(int8)``,
-    ``Q = buf[:, D:].view(float32)``) costs one memory access per lookup instead of two. ``ids`` int64 table-local row ids,
+    ``Q = buf[:, D:].view(float32)``) costs one memory access per lookup instead of two.
+    ``ids`` int64 table-local row ids,
     key-major; ``offsets`` int64 with ``T * B + 1`` entries (``T = len(row_base)``,
     ``B = batch_size``): bag ``j`` is table ``j // B``, sample ``j % B``, its rows are
     ``W[row_base[t] + ids[offsets[j]:offsets[j + 1]]]``; its pooled row goes to
@@ -504,9 +516,7 @@ def pool_arena(W: np.ndarray, Q: np.ndarray | None, ids: np.ndarray, offsets: np
     if pd < 0:
         raise _bad(f"prefetch_distance must be >= 0, got {pd}")
     D = W.shape[1]
-    width = _WIDTHS.get(D)
-    if width is None:
-        width = _WIDTHS.setdefault(D, width_token(D)) if _fixed_width(D) else D
+    width = _width_arg(D)
     n_threads = _num_threads()
     if n_threads > 1 and ids.shape[0] + offsets.shape[0] > _PARALLEL_MIN_WORK:
         status = _pool_parallel(W, Q, ids, offsets, row_base, B, col_base, weights,
@@ -570,7 +580,7 @@ def _refusal(status: int, ids: np.ndarray, offsets: np.ndarray, row_base: np.nda
 def sparse_lengths_sum(table: np.ndarray, indices: np.ndarray, offsets: np.ndarray,
                        weights: np.ndarray | None = None, *, mode: str = "sum",
                        qparams: np.ndarray | None = None,
-                       prefetch_distance: int = 48) -> np.ndarray:
+                       prefetch_distance: int = PREFETCH_DISTANCE) -> np.ndarray:
     """One-table EmbeddingBag: ``offsets`` has ``B + 1`` entries (include_last_offset).
 
     ``table``: float32, float16 or int8 ``(n_rows, D)`` (int8 with ``qparams``
@@ -609,7 +619,8 @@ def sparse_lengths_sum(table: np.ndarray, indices: np.ndarray, offsets: np.ndarr
     return out
 
 
-def gather_touch(W: np.ndarray, ids: np.ndarray, prefetch_distance: int = 48) -> float:
+def gather_touch(W: np.ndarray, ids: np.ndarray,
+                 prefetch_distance: int = PREFETCH_DISTANCE) -> float:
     """Sum the rows ``W[ids]`` and nothing else (parallel, chunked and prefetched as the
     pooling kernels are, no bags, no output rows): what the memory allows a gather of
     these rows, the bound of :func:`pool_arena` on the same ids. ``W`` float32 or
@@ -624,7 +635,7 @@ def gather_touch(W: np.ndarray, ids: np.ndarray, prefetch_distance: int = 48) ->
         W = W.view(np.uint16)
     _check_vec("ids", ids, _I64)
     D = W.shape[1]
-    width = _WIDTHS.get(D) or _WIDTHS.setdefault(D, width_token(D))
+    width = _width_arg(D)
     n_threads = numba.get_num_threads()
     return float(_gather_parallel(W, ids, max(0, int(prefetch_distance)), n_threads,
                                   n_threads * _CHUNKS_PER_THREAD, width))

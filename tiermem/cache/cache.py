@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from tiermem.cache.policy import CachePolicy, make_policy
+from tiermem.cache.policy import BatchScratch, CachePolicy, make_policy
 from tiermem.config import PoolingMode, TierConfig, parse_share_or_bytes
 from tiermem.errors import CapacityError, ConfigError, StoreError
 from tiermem.features import SparseFeatures
@@ -82,8 +82,15 @@ class CacheConfig:
     pinned_fraction: float = 0.0
     """hybrid/static: share of the capacity reserved for the hottest rows."""
     lfu_aging_period: int = 0
+    index: str = "auto"
+    """key -> slot index: "dense" (8 bytes per cached table row, one memory line a
+    probe), "hash" (open addressing, ~32 bytes per slot) or "auto": dense when it
+    costs at most half the slot pool's bytes."""
 
     def __post_init__(self) -> None:
+        if self.index not in ("auto", "dense", "hash"):
+            raise ConfigError(f"CacheConfig.index must be 'auto', 'dense' or 'hash', got "
+                              f"{self.index!r}")
         given = [v for v in (self.capacity_rows, self.capacity_bytes, self.capacity_fraction)
                  if v is not None]
         if len(given) != 1:
@@ -143,6 +150,10 @@ class _Group:
     prefetched: np.ndarray  # bool per slot: filled by the prefetcher, not yet hit
     prefetching: np.ndarray  # bool per slot: the prefetcher is reading it now
     key_table: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    filling: int = 0
+    """slots not ready now (being read): 0 lets a batch skip the ready checks."""
+    prefetch_seen: bool = False
+    """the prefetcher has filled slots: batches check the prefetched flags."""
 
 
 class CachedTier(Tier):
@@ -156,6 +167,7 @@ class CachedTier(Tier):
         self.cache_config = cache
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        self._tls = threading.local()
         self.prefetch_counters = PrefetchCounters()
         self._pools: dict[tuple[RowDtype, int], _Group] = {}
         self._group_of: list[tuple[RowDtype, int]] = []
@@ -176,6 +188,8 @@ class CachedTier(Tier):
                 acc += self.tables[i].spec.rows
                 key_table[j + 1] = acc
             policy = self._make_policy(cache, cap)
+            if self.dense_index(cache, rows, cap, row_bytes):
+                policy.use_dense_index(rows)
             dtype, dim = key
             self._pools[key] = _Group(
                 dtype=dtype, dim=dim, tables=tids, base=base, policy=policy,
@@ -208,6 +222,13 @@ class CachedTier(Tier):
             raise CapacityError(f"cache capacity rounds to {cap} rows for tables of {row_bytes} "
                                 "bytes per row: give a larger capacity")
         return int(cap)
+
+    @staticmethod
+    def dense_index(cache: CacheConfig, rows: int, cap: int, row_bytes: int) -> bool:
+        """Whether a pool of ``cap`` slots over ``rows`` rows gets the dense index."""
+        if cache.index == "auto":
+            return 8 * rows <= cap * row_bytes // 2
+        return cache.index == "dense"
 
     @staticmethod
     def _make_policy(cache: CacheConfig, cap: int) -> CachePolicy:
@@ -284,70 +305,112 @@ class CachedTier(Tier):
                 q[pos] = tq
 
     # -- the batch path ---------------------------------------------------------
+    def _scratch_for(self, n: int, tables: int) -> BatchScratch:
+        sc = getattr(self._tls, "scratch", None)
+        if sc is None:
+            sc = self._tls.scratch = BatchScratch()
+        sc.ensure(n, tables)
+        return sc
+
     def _pool_group(self, features: SparseFeatures, tids: list[int], col_base: np.ndarray,
                     mode: PoolingMode, out: np.ndarray, stats: dict[str, TableStats]) -> None:
         g = self._pools[self._group_of[tids[0]]]
-        gids = offset_ids(features.values, features.offsets, features.batch_size, g.base[tids])
-        uniq, inverse, counts = dedupe_first(gids)
+        n = features.values.size
+        sc = self._scratch_for(n, len(tids))
+        zero = np.zeros(len(tids), np.int64)
+        ls = sc.lookup_slot[:n]
         with self._lock:
-            res = g.policy.access(uniq, counts)
-            slots = res.slots
-            held = slots[slots >= 0]
-            g.policy.pin(held)
-            self._note_evictions(g, res.evicted_slots)
-            fill = (~res.hit) & (slots >= 0)
-            fill_slots = slots[fill]
-            g.ready[fill_slots] = False
-            prefetched_hits = res.hit & (slots >= 0)
-            ph = slots[prefetched_hits]
-            useful = int(g.prefetched[ph].sum())
-            g.prefetched[ph] = False
+            nu, nm, nev, nwait, useful = g.policy.resolve(
+                features.values, features.offsets, features.batch_size, g.base[tids],
+                g.ready, g.prefetched, sc, check_ready=g.filling > 0,
+                check_prefetched=g.prefetch_seen)
             self.prefetch_counters.useful += useful
+            self._note_evictions(g, sc.ev_slots[:nev])
+            hit_slots = sc.hit_slots()
+            resident = nm == 0 and nwait == 0
+            if resident:
+                # Every row is in its slot: pool now, under the lock, so no other
+                # batch can evict them meanwhile (no pins, no second pass).
+                self._run_kernel(g.pool, g.qpool, ls, features, zero, col_base, mode, out)
+            else:
+                g.policy.pin(hit_slots)
+                mslots = sc.miss_slots()
+                admitted = mslots >= 0
+                fill_slots = mslots[admitted]
+                self._mark_filling(g, fill_slots)
+                wslots = wkeys = None
+                if nwait:
+                    wslots = hit_slots[~g.ready[hit_slots]]
+                    wkeys = g.policy.keys_of(wslots)
+        for p, i in enumerate(tids):
+            st = stats[self.tables[i].name]
+            st.cache_hits += int(sc.tstats[p, 0])
+            st.cache_misses += int(sc.tstats[p, 1])
+            st.hit_lookups += int(sc.tstats[p, 2])
+        if resident:
+            return
         try:
-            self._count(g, uniq, counts, res.hit, stats)
             if fill_slots.size:
+                fill_keys = sc.mkeys[:nm][admitted]
                 try:
-                    self._fill(g, uniq[fill], fill_slots, stats)
+                    self._fill(g, fill_keys, fill_slots, stats)
                 except BaseException:
                     with self._cond:
-                        g.policy.remove(uniq[fill])
-                        g.ready[fill_slots] = True
-                        self._cond.notify_all()
+                        g.policy.remove(fill_keys)
+                        self._mark_ready(g, fill_slots)
                     raise
-            cached = slots >= 0
-            waiting = cached.copy()
-            waiting[cached] = ~g.ready[slots[cached]]
-            if waiting.any():
-                wslots, wkeys = slots[waiting], uniq[waiting]
+            if wslots is not None and wslots.size:
                 with self._cond:
                     self.prefetch_counters.late += int(g.prefetching[wslots].sum())
                     if not self._cond.wait_for(lambda: bool(g.ready[wslots].all()), timeout=60):
                         raise StoreError("timed out waiting for rows another batch is reading")
-                    if (g.policy.slot_keys()[wslots] != wkeys).any():
+                    if (g.policy.keys_of(wslots) != wkeys).any():
                         raise StoreError("another batch failed to read rows this batch needs")
-            bypass = slots < 0
-            if bypass.any():
-                # stage every distinct row of the batch: cached ones copied from the pool
-                W = np.empty((uniq.size, g.dim), g.dtype.numpy)
-                Q = np.empty((uniq.size, 2), np.float32) if g.qpool is not None else None
-                W[cached] = g.pool[slots[cached]]
-                if Q is not None and g.qpool is not None:
-                    Q[cached] = g.qpool[slots[cached]]
-                bw = np.empty((int(bypass.sum()), g.dim), g.dtype.numpy)
-                bq = np.empty((bw.shape[0], 2), np.float32) if Q is not None else None
-                self._read_into(g, uniq[bypass], bw, bq, stats)
-                W[bypass] = bw
-                if Q is not None and bq is not None:
-                    Q[bypass] = bq
-                self._run_kernel(W, Q, inverse, features, np.zeros(len(tids), np.int64),
-                                 col_base, mode, out)
+            if not admitted.all():
+                self._pool_bypass(g, sc, ls, admitted, features, col_base, mode, out, stats,
+                                  zero)
             else:
-                lookup_slots = slots.astype(np.int64)[inverse]
-                self._run_kernel(g.pool, g.qpool, lookup_slots, features,
-                                 np.zeros(len(tids), np.int64), col_base, mode, out)
+                self._run_kernel(g.pool, g.qpool, ls, features, zero, col_base, mode, out)
         finally:
             with self._lock:
-                g.policy.unpin(held)
+                g.policy.unpin(hit_slots)
+                g.policy.unpin(fill_slots)
+
+    def _mark_filling(self, g: _Group, slots: np.ndarray) -> None:
+        """Slots whose rows are being read (lock held): batches that hit them wait."""
+        g.ready[slots] = False
+        g.filling += int(slots.size)
+
+    def _mark_ready(self, g: _Group, slots: np.ndarray) -> None:
+        """The end of :meth:`_mark_filling` (lock held); wakes the waiting batches."""
+        g.ready[slots] = True
+        g.filling -= int(slots.size)
+        self._cond.notify_all()
+
+    def _pool_bypass(self, g: _Group, sc: BatchScratch, ls: np.ndarray, admitted: np.ndarray,
+                     features: SparseFeatures, col_base: np.ndarray, mode: PoolingMode,
+                     out: np.ndarray, stats: dict[str, TableStats], zero: np.ndarray) -> None:
+        """Pool a batch some of whose misses found no slot (admission filter, all pinned).
+
+        Their rows are read into a staging arena beside copies of the slots
+        the batch uses; results stay exact at any capacity.
+        """
+        used, pos = np.unique(ls[ls >= 0], return_inverse=True)
+        bypass = np.flatnonzero(~admitted)
+        W = np.empty((used.size + bypass.size, g.dim), g.dtype.numpy)
+        Q = np.empty((W.shape[0], 2), np.float32) if g.qpool is not None else None
+        W[:used.size] = g.pool[used]
+        if Q is not None and g.qpool is not None:
+            Q[:used.size] = g.qpool[used]
+        bq = None if Q is None else Q[used.size:]
+        self._read_into(g, sc.mkeys[bypass], W[used.size:], bq, stats)
+        where = np.empty(admitted.size, np.int64)
+        where[bypass] = used.size + np.arange(bypass.size)
+        ids = np.empty(ls.size, np.int64)
+        hit = ls >= 0
+        ids[hit] = pos
+        ids[~hit] = where[-1 - ls[~hit]]
+        self._run_kernel(W, Q, ids, features, zero, col_base, mode, out)
 
     def _fill(self, g: _Group, keys: np.ndarray, slots: np.ndarray,
               stats: dict[str, TableStats] | None) -> None:
@@ -358,9 +421,8 @@ class CachedTier(Tier):
             g.pool[slots] = w
             if q is not None and g.qpool is not None:
                 g.qpool[slots] = q
-            g.ready[slots] = True
             g.prefetched[slots] = False
-            self._cond.notify_all()
+            self._mark_ready(g, slots)
 
     def _note_evictions(self, g: _Group, evicted_slots: np.ndarray) -> None:
         if evicted_slots.size:
@@ -411,8 +473,9 @@ class CachedTier(Tier):
             new = (~res.hit) & (res.slots >= 0)
             slots, keys = res.slots[new], gids[new]
             g.policy.pin(slots)
-            g.ready[slots] = False
+            self._mark_filling(g, slots)
             g.prefetching[slots] = True
+            g.prefetch_seen = True
             c = self.prefetch_counters
             c.issued += int(keys.size)
             c.dropped += int((res.slots < 0).sum())
@@ -432,10 +495,9 @@ class CachedTier(Tier):
             raise
         finally:
             with self._cond:
-                g.ready[slots] = True
                 g.prefetching[slots] = False
                 g.policy.unpin(slots)
-                self._cond.notify_all()
+                self._mark_ready(g, slots)
         return int(keys.size)
 
     def _offer(self, key: tuple[RowDtype, int], gids: np.ndarray, w: np.ndarray,

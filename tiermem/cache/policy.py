@@ -42,9 +42,11 @@ _remove = _k.FastCall(_k.policy_remove)
 _pin = _k.FastCall(_k.policy_pin)
 _unpin = _k.FastCall(_k.policy_unpin)
 _pin_static = _k.FastCall(_k.policy_pin_static)
+_resolve = _k.FastCall(_k.cache_resolve)
 
 __all__ = [
     "AccessResult",
+    "BatchScratch",
     "CachePolicy",
     "CacheStats",
     "ClockPolicy",
@@ -155,6 +157,52 @@ def _as_keys(keys: Any, what: str = "keys") -> np.ndarray:
     return arr
 
 
+class BatchScratch:
+    """Per-thread arrays of :meth:`CachePolicy.resolve`, grown to the largest batch.
+
+    Reused from batch to batch so the hot path allocates nothing in
+    proportion to the batch; the miss hash is reset by a stamp, not cleared.
+    """
+
+    def __init__(self) -> None:
+        self.n = -1
+        self.t = -1
+        self.stamp = 0
+        self.nu = self.nm = self.nev = 0
+        self.ensure(1024, 1)
+
+    def ensure(self, n: int, tables: int) -> None:
+        """Room for ``n`` lookups over ``tables`` tables; zeroes the table counters."""
+        if n > self.n:
+            n = max(n, 2 * self.n)
+            self.n = n
+            self.lookup_slot = np.empty(n, np.int64)
+            self.uslots = np.empty(n, np.int32)
+            self.ucounts = np.empty(n, np.int64)
+            self.mkeys = np.empty(n, np.int64)
+            self.mcounts = np.empty(n, np.int64)
+            self.mslots = np.empty(n, np.int32)
+            self.order = np.empty(n, np.int64)
+            self.ev_keys = np.empty(n, np.int64)
+            self.ev_slots = np.empty(n, np.int32)
+            h = _pow2_at_least(2 * n)
+            self.hkey = np.empty(h, np.int64)
+            self.hval = np.empty(h, np.int64)
+            self.hstamp = np.zeros(h, np.int64)
+            self.stamp = 0
+        if tables != self.t:
+            self.t = tables
+            self.tstats = np.zeros((tables, 3), np.int64)
+        else:
+            self.tstats[:] = 0
+
+    def hit_slots(self) -> np.ndarray:
+        return self.uslots[:self.nu]
+
+    def miss_slots(self) -> np.ndarray:
+        return self.mslots[:self.nm]
+
+
 class CachePolicy:
     """Replacement policy over ``capacity`` slots (base of every policy).
 
@@ -244,10 +292,36 @@ class CachePolicy:
             gidx = np.full((1 << gbits, 2), -1, np.int64)
             sc[_k.Q_GCAP] = gcap
             sc[_k.Q_GBITS] = gbits
+        self.key_space: int | None = None
+        self._upos = np.zeros(c, np.int32)  # resolve(): slot -> distinct-hit index
         self._st = _k.PolicyState(
             idx=np.full((1 << bits, 2), -1, np.int64), node=node, work=work,
             ghost=ghost, gidx=gidx, sketch=sketch, sc=sc)
         self._update_targets()
+
+    def use_dense_index(self, key_space: int) -> None:
+        """Index keys ``0 .. key_space - 1`` by a dense array instead of the hash.
+
+        8 bytes per possible key, one memory line per probe and no probe
+        chains: the cheaper index when the cache holds a sizeable share of
+        the key space (a cache over a store's tables). Keys at or beyond
+        ``key_space`` are then refused. Only while the policy is empty.
+        """
+        if len(self) or self.n_static:
+            raise ConfigError("use_dense_index: the policy must be empty")
+        if isinstance(key_space, bool) or not isinstance(key_space, (int, np.integer)) \
+                or key_space < 1:
+            raise ConfigError(f"Expected a key space >= 1. Got {key_space!r} instead.")
+        self.key_space = int(key_space)
+        self._st = self._st._replace(idx=np.full((self.key_space, 1), -1, np.int64))
+
+    def _keys(self, keys: Any) -> np.ndarray:
+        k = _as_keys(keys)
+        if self.key_space is not None and k.size and k.max() >= self.key_space:
+            raise InvalidBatchError(
+                f"Expected keys < {self.key_space} (the dense index's key space). Got "
+                f"{int(k.max())} at index {int(k.argmax())}.")
+        return k
 
     # -- hooks -------------------------------------------------------------
 
@@ -281,7 +355,7 @@ class CachePolicy:
         keys : ndarray of int
             Keys >= 0, any order, repeats allowed.
         """
-        k = _as_keys(keys)
+        k = self._keys(keys)
         out = np.empty(k.size, np.int32)
         with self._lock:
             _lookup(self._st, k, out)
@@ -315,7 +389,7 @@ class CachePolicy:
             the error names the first repeated key. A repeated key whose
             first occurrence bypassed is not detected.
         """
-        k = _as_keys(keys)
+        k = self._keys(keys)
         n = k.size
         if counts is None:
             c = np.empty(0, np.int64)
@@ -338,6 +412,40 @@ class CachePolicy:
                 "the call was applied with the repeat as a hit.")
         return AccessResult(slots, hit, ev_keys[:nev], ev_slots[:nev])
 
+    def resolve(self, values: np.ndarray, offsets: np.ndarray, batch_size: int,
+                base: np.ndarray, ready: np.ndarray, prefetched: np.ndarray,
+                scratch: BatchScratch, *, check_ready: bool = True,
+                check_prefetched: bool = True) -> tuple[int, int, int, int, int]:
+        """:meth:`access` of a whole key-major batch, straight from its ids.
+
+        The key of lookup ``i`` of table ``t`` is ``base[t] + values[i]``;
+        the state changes exactly as ``access(uniq, counts)`` of the
+        batch's distinct keys in first-occurrence order, and every slot the
+        batch uses is pinned once (the caller unpins ``scratch.used()``).
+        ``ready``/``prefetched`` are the caller's per-slot flags (prefetched
+        hits are cleared). Results land in ``scratch``; returns ``(distinct
+        hits, distinct misses, evictions, hits not ready, prefetched hits)``.
+        Inputs are trusted (the cache validated the batch): int64 values
+        with ``base[t] + values[i]`` inside the key space.
+        """
+        sc = scratch
+        with self._lock:
+            sc.stamp += 1
+            if sc.stamp >= 2**62:
+                sc.hstamp[:] = 0
+                sc.stamp = 1
+            out = _resolve(self._st, values, offsets, np.int64(batch_size), base, ready,
+                           prefetched, bool(check_ready), bool(check_prefetched), self._upos, sc.lookup_slot, sc.uslots, sc.ucounts,
+                           sc.mkeys, sc.mcounts, sc.mslots, sc.hkey, sc.hval, sc.hstamp,
+                           np.int64(sc.stamp), sc.order, sc.ev_keys, sc.ev_slots, sc.tstats)
+        nu, nm, nev, nwait, nuseful = (int(x) for x in out)  # type: ignore[union-attr]
+        sc.nu, sc.nm, sc.nev = nu, nm, nev
+        return nu, nm, nev, nwait, nuseful
+
+    def keys_of(self, slots: np.ndarray) -> np.ndarray:
+        """The key held by each of ``slots`` (-1 = free)."""
+        return self._st.node[self._as_slots(slots), _k.N_KEY]
+
     def insert(self, keys: np.ndarray) -> AccessResult:
         """Admit ``keys`` as if missed, without counting hits or misses (prefetch).
 
@@ -350,7 +458,7 @@ class CachePolicy:
         InvalidBatchError
             As :meth:`access`.
         """
-        k = _as_keys(keys)
+        k = self._keys(keys)
         n = k.size
         slots = np.empty(n, np.int32)
         hit = np.empty(n, np.bool_)
@@ -418,7 +526,7 @@ class CachePolicy:
             before anything changes. Also raised (after pinning the keys
             before it) if a key finds every dynamic slot pinned in flight.
         """
-        k = _as_keys(keys)
+        k = self._keys(keys)
         _uk, first = np.unique(k, return_index=True)
         k_u = k[np.sort(first)]
         st = self._st
@@ -461,7 +569,7 @@ class CachePolicy:
         slot (a freed slot may be reused while pinned; it then stays
         protected until unpinned).
         """
-        k = _as_keys(keys)
+        k = self._keys(keys)
         with self._lock:
             _remove(self._st, k)
             self._update_targets()

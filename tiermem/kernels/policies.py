@@ -14,6 +14,10 @@ placeholders.
     idx    int64[H, 2]     open-addressing index, H = 2**bits >= 2 * capacity:
                            idx[h] = (key, slot), key -1 = empty. Linear probing,
                            backward-shift deletion (no tombstones).
+           or int64[K, 1]  dense index over a known key space 0..K-1 (a cache
+                           over a store: K = the rows it caches): idx[key, 0] =
+                           slot or -1. One line per probe and no probing chain:
+                           chosen when it costs at most a few times the hash.
     node   int64[C + 2, 8] one 64-byte line per slot (rows C, C + 1: list sentinels)
              N_KEY    key held (-1 = free)
              N_MARK   epoch of the last call that hit/filled the slot
@@ -111,6 +115,7 @@ __all__ = [
     "W_FREE",
     "FastCall",
     "PolicyState",
+    "cache_resolve",
     "policy_access",
     "policy_insert",
     "policy_lookup",
@@ -220,7 +225,17 @@ def _home(key, bits):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
+def _line(idx, bits, key):  # type: ignore[no-untyped-def]
+    """The index row ``key`` is found at first: to prefetch it."""
+    if idx.shape[1] == 1:
+        return np.int64(key)
+    return _home(key, bits)
+
+
+@njit(**SERIAL, inline="always")
 def _idx_find(idx, bits, key):  # type: ignore[no-untyped-def]
+    if idx.shape[1] == 1:  # dense: idx[key, 0] = slot
+        return idx[key, 0]
     mask = (np.int64(1) << bits) - 1
     i = _home(key, bits)
     while True:
@@ -235,6 +250,9 @@ def _idx_find(idx, bits, key):  # type: ignore[no-untyped-def]
 @njit(**SERIAL, inline="always")
 def _idx_insert(idx, bits, key, val):  # type: ignore[no-untyped-def]
     # ``key`` must be absent.
+    if idx.shape[1] == 1:
+        idx[key, 0] = val
+        return
     mask = (np.int64(1) << bits) - 1
     i = _home(key, bits)
     while idx[i, 0] != -1:
@@ -245,6 +263,11 @@ def _idx_insert(idx, bits, key, val):  # type: ignore[no-untyped-def]
 
 @njit(**SERIAL, inline="always")
 def _idx_delete(idx, bits, key):  # type: ignore[no-untyped-def]
+    if idx.shape[1] == 1:
+        if idx[key, 0] == -1:
+            return False
+        idx[key, 0] = -1
+        return True
     mask = (np.int64(1) << bits) - 1
     i = _home(key, bits)
     while True:
@@ -425,6 +448,9 @@ def _h_remove(node, work, sc, s):  # type: ignore[no-untyped-def]
 @njit(**SERIAL, inline="always")
 def _idx_update(idx, bits, key, val):  # type: ignore[no-untyped-def]
     # ``key`` must be present.
+    if idx.shape[1] == 1:
+        idx[key, 0] = val
+        return
     mask = (np.int64(1) << bits) - 1
     i = _home(key, bits)
     while idx[i, 0] != key:
@@ -773,7 +799,7 @@ def _find_all(idx, bits, keys, slots):  # type: ignore[no-untyped-def]
     n = keys.size
     for i in range(n):
         if i + _PF < n:
-            prefetch_row(idx, np.int64(_home(keys[i + _PF], bits)), np.int64(0))
+            prefetch_row(idx, _line(idx, bits, keys[i + _PF]), np.int64(0))
         slots[i] = _idx_find(idx, bits, keys[i])
 
 
@@ -793,13 +819,13 @@ def _prefetch_victims(idx, node, bits, pol, cap, hand):  # type: ignore[no-untyp
         b = node[a, N_NEXT]
         if b >= cap:
             return
-        prefetch_row(idx, np.int64(_home(node[b, N_KEY], bits)), np.int64(0))
+        prefetch_row(idx, _line(idx, bits, node[b, N_KEY]), np.int64(0))
         prefetch_row(node, np.int64(node[b, N_NEXT]), np.int64(0))
     elif pol == P_CLOCK:
         h = hand + 1 if hand + 1 < cap else 0
         k = node[h, N_KEY]
         if k >= 0:
-            prefetch_row(idx, np.int64(_home(k, bits)), np.int64(0))
+            prefetch_row(idx, _line(idx, bits, k), np.int64(0))
         h = hand + 4 if hand + 4 < cap else 0
         prefetch_row(node, np.int64(h), np.int64(0))
 
@@ -879,7 +905,7 @@ def policy_access(st, keys, counts, slots, hit, ev_keys, ev_slots):  # type: ign
             sc[S_BYPASSED] += 1
             continue
         if i + _PF < n and not hit[i + _PF]:
-            prefetch_row(idx, np.int64(_home(keys[i + _PF], bits)), np.int64(0))
+            prefetch_row(idx, _line(idx, bits, keys[i + _PF]), np.int64(0))
         key = keys[i]
         s = _idx_find(idx, bits, key)
         if s >= 0:  # repeated key, admitted by its earlier occurrence
@@ -1061,6 +1087,172 @@ def policy_pin_static(st, keys, slots, ev_keys, ev_slots):  # type: ignore[no-un
         slots[i] = s
     _restore(node, work, sc)
     return nev, failed
+
+
+@njit(**SERIAL)
+def cache_resolve(st, values, offsets, batch_size, base, ready, prefetched, check_ready,  # type: ignore[no-untyped-def]
+                  check_prefetched, upos, lookup_slot, uslots, ucounts, mkeys, mcounts, mslots,
+                  hkey, hval, hstamp, stamp, order, ev_keys, ev_slots, tstats):
+    """The cache's whole batch step in one call: ``policy_access`` of the batch's ids.
+
+    ``values``/``offsets`` are a key-major batch of ``len(base)`` tables;
+    the key of lookup ``i`` of table ``t`` is ``base[t] + values[i]``. The
+    state changes exactly as ``policy_access(uniq, counts)`` of the distinct
+    keys in first-occurrence order would change it, without building that
+    list: a hit is recognised as a repeat by its slot's mark (the line its
+    touch needs anyway) and only misses go through a per-call hash
+    (``hkey``/``hval``, entries live while ``hstamp == stamp``). LRU, FIFO,
+    CLOCK and S3-FIFO touch a hit at its first occurrence, in the same pass
+    (their hit touches commute with every later occurrence's); LFU, whose
+    touch needs the whole count, touches after the pass.
+
+    Admitted misses get one pin (hits are protected by their mark for the
+    call; the caller pins them if it releases the lock before pooling).
+    Writes ``lookup_slot[i]`` (the slot, or ``-1 - m`` for miss ``m`` that
+    bypassed), ``uslots[:nu]`` (distinct hits), ``mkeys[:nm]``/``mcounts``/
+    ``mslots`` (distinct misses; slot -1 = bypass), evictions in
+    ``ev_keys``/``ev_slots``, and per table ``tstats[t] = (distinct hits,
+    distinct misses, hit lookups)``; ``upos``/``ucounts`` are scratch.
+    ``ready``/``prefetched`` are read only when ``check_*`` (the caller knows
+    when no slot is being filled or holds an unhit prefetch). Returns
+    ``(nu, nm, n_evicted, n_hits_not_ready, n_prefetched_hits)``; prefetched
+    flags of hit slots are cleared.
+    """
+    idx, node, work, ghost, gidx, sketch, sc = st
+    bits = sc[Q_BITS]
+    pol = sc[Q_POLICY]
+    cap = work.shape[1]
+    epoch = sc[M_EPOCH] + 1
+    sc[M_EPOCH] = epoch
+    hmask = hkey.size - 1
+    hbits = 1
+    while (np.int64(1) << hbits) < hkey.size:
+        hbits += 1
+    tiny = sc[Q_TINYLFU] != 0
+    lfu = pol == P_LFU
+    lru = pol == P_LRU
+    counted = lfu or tiny  # hits' occurrence counts are needed
+    nu = 0
+    nm = 0
+    nk = 0
+    nwait = 0
+    nuseful = 0
+    for t in range(base.size):
+        s0 = offsets[t * batch_size]
+        e0 = offsets[(t + 1) * batch_size]
+        b = base[t]
+        for i in range(s0, e0):
+            # staged prefetch: the index line 2 * _PF ahead, the slot's line _PF ahead
+            # (and for LRU the list neighbours its touch rewrites, _PF / 2 ahead)
+            if i + 2 * _PF < e0:
+                prefetch_row(idx, _line(idx, bits, b + values[i + 2 * _PF]), np.int64(0))
+            if i + _PF < e0:
+                s2 = _idx_find(idx, bits, b + values[i + _PF])
+                if s2 >= 0:
+                    prefetch_row(node, np.int64(s2), np.int64(0))
+            if lru and i + _PF // 2 < e0:
+                s2 = _idx_find(idx, bits, b + values[i + _PF // 2])
+                if s2 >= 0 and node[s2, N_MARK] != epoch:
+                    prefetch_row(node, np.int64(node[s2, N_PREV]), np.int64(0))
+                    prefetch_row(node, np.int64(node[s2, N_NEXT]), np.int64(0))
+            key = b + values[i]
+            s = _idx_find(idx, bits, key)
+            if s >= 0:
+                if node[s, N_MARK] == epoch:
+                    if counted:
+                        ucounts[upos[s]] += 1
+                    if pol == P_S3FIFO and (node[s, N_FLAGS] & F_STATIC) == 0:
+                        _touch(node, work, sc, pol, s, 1)
+                else:
+                    node[s, N_MARK] = epoch
+                    if counted:
+                        upos[s] = nu
+                        ucounts[nu] = 1
+                    if not lfu and (node[s, N_FLAGS] & F_STATIC) == 0:
+                        _touch(node, work, sc, pol, s, 1)
+                    uslots[nu] = s
+                    if tiny:
+                        order[nk] = nu
+                        nk += 1
+                    nu += 1
+                    tstats[t, 0] += 1
+                    if check_ready and not ready[s]:
+                        nwait += 1
+                    if check_prefetched and prefetched[s]:
+                        prefetched[s] = False
+                        nuseful += 1
+                tstats[t, 2] += 1
+                lookup_slot[i] = s
+            else:
+                h = _home(key, hbits) & hmask
+                while True:
+                    if hstamp[h] != stamp:
+                        hstamp[h] = stamp
+                        hkey[h] = key
+                        hval[h] = nm
+                        mkeys[nm] = key
+                        mcounts[nm] = 1
+                        if tiny:
+                            order[nk] = -1 - nm
+                            nk += 1
+                        m = nm
+                        nm += 1
+                        tstats[t, 1] += 1
+                        break
+                    if hkey[h] == key:
+                        m = hval[h]
+                        mcounts[m] += 1
+                        break
+                    h = (h + 1) & hmask
+                lookup_slot[i] = -1 - m
+    if tiny:  # the sketch counts every distinct key, in first-occurrence order
+        for k in range(nk):
+            r = order[k]
+            if r >= 0:
+                _sk_add(sketch, sc, node[uslots[r], N_KEY], ucounts[r])
+            else:
+                _sk_add(sketch, sc, mkeys[-1 - r], mcounts[-1 - r])
+    if lfu:  # phase 1 of policy_access: hits touched in first-occurrence order
+        for u in range(nu):
+            if u + _PF < nu:
+                prefetch_row(node, np.int64(uslots[u + _PF]), np.int64(0))
+            s = uslots[u]
+            if (node[s, N_FLAGS] & F_STATIC) == 0:
+                _touch(node, work, sc, pol, s, ucounts[u])
+    # Phase 2: misses admitted in first-occurrence order.
+    nev = 0
+    dynamic = sc[Q_DYNAMIC] != 0
+    for m in range(nm):
+        if not dynamic:
+            sc[S_BYPASSED] += 1
+            mslots[m] = -1
+            continue
+        if m + _PF < nm:
+            prefetch_row(idx, _line(idx, bits, mkeys[m + _PF]), np.int64(0))
+        if sc[M_NFREE] == 0:
+            _prefetch_victims(idx, node, bits, pol, cap, sc[M_HAND])
+        s, nev, outcome = _place(idx, node, work, ghost, gidx, sketch, sc, mkeys[m],
+                                 mcounts[m], epoch, True, ev_keys, ev_slots, nev)
+        mslots[m] = s
+        if s >= 0:
+            node[s, N_PINS] += 1
+        elif outcome == _REJECTED:
+            sc[S_REJECTED] += 1
+        else:
+            sc[S_BYPASSED] += 1
+    _restore(node, work, sc)
+    if lfu:
+        _lfu_age(node, work, sc, np.int64(values.size))
+    sc[S_HITS] += nu
+    sc[S_MISSES] += nm
+    if nm:
+        for i in range(values.size):
+            v = lookup_slot[i]
+            if v < 0:
+                s = mslots[-1 - v]
+                if s >= 0:
+                    lookup_slot[i] = s
+    return nu, nm, nev, nwait, nuseful
 
 
 class FastCall:

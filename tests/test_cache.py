@@ -6,17 +6,21 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tiermem import (
     CapacityError,
     ConfigError,
     SparseFeatures,
+    StoreError,
     TableSpec,
     TierConfig,
     create_random_store,
     open_tier,
 )
 from tiermem.cache.cache import CacheConfig, CachedTier
+from tiermem.quantize import RowDtype
 from tiermem.cache.prefetch import PrefetchConfig, Prefetcher
 from traces.synth import synthetic_batches
 
@@ -251,3 +255,65 @@ def test_prefetch_in_chunks_equals_one_read(store, dram, chunk):
         assert tier.prefetch_counters.useful == n
         # already resident rows are not read again
         assert sum(tier.prefetch_rows(k, u, chunk_rows=chunk) for k, u in groups.items()) == 0
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(policy=st.sampled_from(["lru", "lfu", "clock", "s3fifo", "fifo"]),
+       index=st.sampled_from(["dense", "hash"]), cap=st.integers(1, 400),
+       admission=st.sampled_from([None, "tinylfu"]), seed=st.integers(0, 10_000),
+       pooling=st.integers(1, 12))
+def test_batch_path_equals_dram_at_any_capacity(store, dram, policy, index, cap, admission, seed,
+                                                pooling):
+    """The one-pass batch step, both key->slot indexes, any capacity (batches often hold
+    more distinct rows than the cache: bypass), admission on or off: DRAM bit for bit."""
+    batches = _batches(4, batch_size=48, pooling=pooling, seed=seed)
+    with _cached(store, policy, capacity_rows=cap, index=index, admission=admission) as tier:
+        for b in batches:
+            np.testing.assert_array_equal(tier.pool(b), dram.pool(b))
+        assert all((g.policy.pin_counts() == 0).all() for g in tier._pools.values())
+        assert all(g.filling == 0 for g in tier._pools.values())
+        tot = tier.stats.total()
+        assert tot.cache_hits + tot.cache_misses > 0
+
+
+def test_fill_error_is_clear_and_the_next_batch_is_served(tmp_path, dram):
+    """A chunk file cut short while serving: that batch fails naming the table, its slots
+    are released, and once the file is back the same batch is served exactly."""
+    path = tmp_path / "s.zarr"
+    info = create_random_store(path, SPECS, seed=3, chunk_rows=256)
+    ref = open_tier(info, TierConfig(kind="dram"))
+    chunk = info.table("a").weight_chunk(1)
+    saved = chunk.read_bytes()
+    with _cached(info, "lru", capacity_rows=200) as tier:
+        b = SparseFeatures.from_lengths(["a"], [260, 300, 301, 5], [2, 2])
+        want = ref.pool(b)
+        with open(chunk, "r+b") as f:
+            f.truncate(0)
+        with pytest.raises(StoreError, match="'a'.*(truncated|short read)"):
+            tier.pool(b)
+        assert all((g.policy.pin_counts() == 0).all() for g in tier._pools.values())
+        chunk.write_bytes(saved)
+        np.testing.assert_array_equal(tier.pool(b), want)
+    ref.close()
+
+
+def test_dense_index_choice(store):
+    f32 = (RowDtype.FLOAT32, 8)  # tables a, b, c: 32-byte rows
+    with _cached(store, "lru", capacity_fraction=0.5) as tier:
+        assert tier._pools[f32].policy.key_space == 4700
+    with _cached(store, "lru", capacity_fraction=0.01) as tier:
+        assert tier._pools[f32].policy.key_space is None
+    with _cached(store, "lru", capacity_fraction=0.01, index="dense") as tier:
+        assert all(g.policy.key_space is not None for g in tier._pools.values())
+    with _cached(store, "lru", capacity_fraction=0.5, index="hash") as tier:
+        assert all(g.policy.key_space is None for g in tier._pools.values())
+    with pytest.raises(ConfigError, match="index"):
+        CacheConfig(capacity_rows=4, index="btree")
+
+
+def test_empty_batch_through_the_cache(store):
+    with _cached(store, "clock") as tier:
+        e = np.zeros(0, np.int64)
+        out = tier.pool(SparseFeatures.from_lengths(["a", "q"], e, e))
+        assert out.shape == (0, 16)

@@ -88,6 +88,10 @@ class EmbeddingShard:
                 tier.close()
                 raise
             self.tier = tier
+            # compile the batch path here, inside the start-up timeout, not in the first
+            # request's (an empty batch changes no state)
+            empty = np.zeros(0, np.int64)
+            tier.pool(SparseFeatures.from_lengths(self.keys, empty, empty))
         self.started = time.time()
         self.open_seconds = time.perf_counter() - t0
         self.requests = 0

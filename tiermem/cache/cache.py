@@ -282,27 +282,23 @@ class CachedTier(Tier):
         return out
 
     def _read_into(self, g: _Group, gids: np.ndarray, w: np.ndarray, q: np.ndarray | None,
-                   stats: dict[str, TableStats] | None, *, background: bool = False) -> None:
-        """Read rows of distinct ``gids`` from the cold tier into ``w[k]``/``q[k]``.
+                   stats: dict[str, TableStats] | None, *, background: bool = False,
+                   out_index: np.ndarray | None = None) -> None:
+        """Read rows of distinct ``gids`` from the cold tier into ``w``/``q``.
 
-        All tables' rows go to the cold tier in one request, sorted per table,
-        so the SSD tier keeps its reads in flight together.
+        Row ``gids[k]`` goes to row ``out_index[k]`` (or ``k``): with the slot
+        pool and the slots as ``w``/``out_index`` the rows land in place, no
+        staging copy. All tables' rows go to the cold tier in one request,
+        sorted per table, so the SSD tier plans and issues them together.
         """
-        requests, places = [], []
+        where = np.arange(gids.size) if out_index is None else np.asarray(out_index, np.int64)
+        requests = []
         for i, pos, rows in self._split_by_table(g, gids):
             order = np.argsort(rows, kind="stable")
-            spec = self.tables[i].spec
-            tw = np.empty((pos.size, spec.dim), spec.dtype.numpy)
-            tq = np.empty((pos.size, 2), np.float32) if q is not None else None
-            requests.append((i, rows[order], tw, tq))
-            places.append((i, pos[order]))
+            requests.append((i, rows[order], w, q, where[pos[order]]))
             if stats is not None:
-                stats[spec.name].rows_read += pos.size
+                stats[self.tables[i].name].rows_read += pos.size
         self.cold.read_many(requests, stats, background=background)
-        for (_, _, tw, tq), (_, pos) in zip(requests, places, strict=True):
-            w[pos] = tw
-            if q is not None and tq is not None:
-                q[pos] = tq
 
     # -- the batch path ---------------------------------------------------------
     def _scratch_for(self, n: int, tables: int) -> BatchScratch:
@@ -414,13 +410,10 @@ class CachedTier(Tier):
 
     def _fill(self, g: _Group, keys: np.ndarray, slots: np.ndarray,
               stats: dict[str, TableStats] | None) -> None:
-        w = np.empty((keys.size, g.dim), g.dtype.numpy)
-        q = np.empty((keys.size, 2), np.float32) if g.qpool is not None else None
-        self._read_into(g, keys, w, q, stats)
+        # The slots are pinned and not ready: no other batch reads or evicts them,
+        # so the rows are read straight into the pool outside the lock.
+        self._read_into(g, keys, g.pool, g.qpool, stats, out_index=slots)
         with self._cond:
-            g.pool[slots] = w
-            if q is not None and g.qpool is not None:
-                g.qpool[slots] = q
             g.prefetched[slots] = False
             self._mark_ready(g, slots)
 
@@ -480,14 +473,10 @@ class CachedTier(Tier):
             c.issued += int(keys.size)
             c.dropped += int((res.slots < 0).sum())
         try:
-            w = np.empty((keys.size, g.dim), g.dtype.numpy)
-            q = np.empty((keys.size, 2), np.float32) if g.qpool is not None else None
-            if keys.size:
-                self._read_into(g, keys, w, q, None, background=True)
+            if keys.size:  # reserved slots: read in place, as _fill does
+                self._read_into(g, keys, g.pool, g.qpool, None, background=True,
+                                out_index=slots)
             with self._cond:
-                g.pool[slots] = w
-                if q is not None and g.qpool is not None:
-                    g.qpool[slots] = q
                 g.prefetched[slots] = True
         except BaseException:
             with self._cond:

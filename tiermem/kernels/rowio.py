@@ -130,3 +130,48 @@ def pread_extents(fds, chunk, first, nrows, u0, rows, chunk_rows, row_bytes, dst
             for k in range(row_bytes):
                 dst[u, k] = scratch[src + k]
     return -1
+
+
+_memcpy = _libc.memcpy
+_memcpy.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t]
+_memcpy.restype = ctypes.c_size_t
+
+
+@njit(**SERIAL_UNCACHED)
+def pread_scatter(ext_fd, ext_off, ext_len, ext_u0, row_src, row_dst, row_nb, scratch,  # type: ignore[no-untyped-def]
+                  e_start, e_stop, align):
+    """Read extents ``[e_start, e_stop)`` of a whole batch's plan; rows land at their addresses.
+
+    One plan covers every table and file of a batch: extent ``e`` reads
+    ``ext_len[e]`` bytes at ``ext_off[e]`` of file ``ext_fd[e]`` and holds
+    the wanted rows ``ext_u0[e] .. ext_u0[e + 1] - 1``; row ``u`` is the
+    ``row_nb[u]`` bytes at ``row_src[u]`` within the extent and goes to
+    address ``row_dst[u]`` (a cache slot, a staging row). A lone row that
+    fills its extent is read straight to its address; otherwise the extent
+    goes through ``scratch`` (``align``-aligned, at least the largest extent
+    plus ``2 * align``). With ``align > 0`` (O_DIRECT) reads are widened to
+    ``align`` boundaries. Returns -1, or the first extent that failed.
+    """
+    scr = scratch.ctypes.data
+    for e in range(e_start, e_stop):
+        fd = ext_fd[e]
+        off = ext_off[e]
+        nb = ext_len[e]
+        a = ext_u0[e]
+        b = ext_u0[e + 1]
+        if align == 0 and b - a == 1 and row_nb[a] == nb:
+            if _pread_full(fd, row_dst[a], nb, off) != nb:
+                return e
+            continue
+        lead = 0
+        if align > 0:
+            lead = off % align
+            span = ((lead + nb + align - 1) // align) * align
+            got = _pread_full(fd, scr, span, off - lead)
+        else:
+            got = _pread_full(fd, scr, nb, off)
+        if got < lead + nb:
+            return e
+        for u in range(a, b):
+            _memcpy(row_dst[u], scr + lead + row_src[u], row_nb[u])
+    return -1

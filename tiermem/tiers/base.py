@@ -25,7 +25,12 @@ from tiermem.kernels.validate import check_ids
 from tiermem.quantize import RowDtype
 from tiermem.stats import TableStats, TierStats
 
-__all__ = ["Tier"]
+__all__ = ["ReadRequest", "Tier"]
+
+#: ``(table index, sorted unique rows, w_out, q_out[, out_index])``: row ``k`` goes to
+#: row ``out_index[k]`` of ``w_out``/``q_out`` (or row ``k`` without it): a cache
+#: passes its slot pool and the slots, so rows land in place.
+ReadRequest = tuple
 
 
 class Tier(ABC):
@@ -151,16 +156,27 @@ class Tier(ABC):
                    q_out: np.ndarray | None) -> None:
         """read_rows after validation; ``i`` is the table index."""
 
-    def read_many(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
+    def read_many(self, requests: Sequence[ReadRequest],
                   stats: dict[str, TableStats] | None = None, *, background: bool = False) -> None:
-        """Several reads at once: ``(table index, sorted unique rows, w_out, q_out)``.
+        """Several reads at once, each a :data:`ReadRequest`.
 
         Tiers that can overlap reads (SSD) issue them all together. ``stats``
         (table name -> counters) receives the bytes and operations spent.
         ``background`` marks reads nobody waits for yet (prefetch).
         """
-        for i, rows, w_out, q_out in requests:
-            self._read_rows(i, rows, w_out, q_out)
+        for req in requests:
+            i, rows, w_out, q_out = req[:4]
+            out_index = req[4] if len(req) > 4 else None
+            if out_index is None:
+                self._read_rows(i, rows, w_out, q_out)
+            else:
+                spec = self.tables[i].spec
+                w = np.empty((rows.size, spec.dim), spec.dtype.numpy)
+                q = None if q_out is None else np.empty((rows.size, 2), np.float32)
+                self._read_rows(i, rows, w, q)
+                w_out[out_index] = w
+                if q_out is not None and q is not None:
+                    q_out[out_index] = q
             if stats is not None:
                 spec = self.tables[i].spec
                 st = stats[spec.name]

@@ -17,6 +17,7 @@ import numpy as np
 from tiermem.config import PoolingMode, TierKind
 from tiermem.features import SparseFeatures
 from tiermem.stats import TableStats
+from tiermem.tiers.base import ReadRequest
 from tiermem.tiers.dram import DramTier
 
 __all__ = ["CxlTier", "wait_for"]
@@ -58,12 +59,13 @@ class CxlTier(DramTier):
             total += delay
         wait_for(total)
 
-    def read_many(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
+    def read_many(self, requests: Sequence[ReadRequest],
                   stats: dict[str, TableStats] | None = None, *, background: bool = False) -> None:
         """Copy rows out (for a cache in front), charging the model for them."""
         super().read_many(requests, stats, background=background)
         total = 0.0
-        for i, rows, _, _ in requests:
+        for req in requests:
+            i, rows = req[0], req[1]
             spec = self.tables[i].spec
             delay = self.modeled_seconds(rows.size, rows.size * spec.row_bytes)
             total += delay

@@ -27,13 +27,15 @@ from tiermem.config import PoolingMode, TierConfig, TierKind
 from tiermem.errors import StoreError
 from tiermem.features import SparseFeatures
 from tiermem.format import StoreInfo, TableInfo
-from tiermem.kernels.rowio import dedupe_sorted, plan_extents, pread_extents
+from tiermem.kernels.rowio import dedupe_sorted, plan_extents, pread_scatter
 from tiermem.stats import TableStats
-from tiermem.tiers.base import Tier
+from tiermem.tiers.base import ReadRequest, Tier
 
 __all__ = ["SsdTier"]
 
 _ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffers
+#: extents per I/O slice at least: a future costs ~20-50 us, a page-cached read ~1-2 us
+_MIN_EXTENTS_PER_SLICE = 16
 
 
 def _raise_nofile_limit(need: int) -> None:
@@ -133,36 +135,30 @@ class SsdTier(Tier):
             self._scratch.buf = buf
         return buf
 
-    def _read_job(self, fds: np.ndarray, plan: tuple[np.ndarray, ...], rows: np.ndarray,
-                  chunk_rows: int, row_bytes: int, dst: np.ndarray, e0: int, e1: int,
-                  table: TableInfo) -> None:
-        chunk, first, nrows, u0 = plan
-        bad = pread_extents(fds, chunk, first, nrows, u0, rows, chunk_rows, row_bytes, dst,
-                            self._scratch_buf(), e0, e1, _ALIGN if self.config.direct_io else 0)
-        if bad >= 0:
-            c = int(chunk[bad])
-            raise StoreError(
-                f"table {table.name!r}: reading {int(nrows[bad])} rows at row "
-                f"{c * chunk_rows + int(first[bad])} of chunk file {c} failed (short read or I/O"
-                " error: was the store modified or truncated after it was opened?)")
+    def _read_job(self, plan: tuple[np.ndarray, ...], e0: int, e1: int) -> int:
+        """Read extents ``[e0, e1)`` of a batch plan (one nogil call); -1 or the failed extent."""
+        fd, off, ln, u0, src, dst, nb = plan
+        return int(pread_scatter(fd, off, ln, u0, src, dst, nb, self._scratch_buf(), e0, e1,
+                                 _ALIGN if self.config.direct_io else 0))
 
-    def _read_sorted(self, jobs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
-                     stats: dict[str, TableStats] | None, background: bool = False) -> None:
-        """Read sorted unique rows of several tables at once.
+    def _plan(self, jobs: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None,
+                                        np.ndarray | None]]
+              ) -> tuple[tuple[np.ndarray, ...], list[tuple[int, int, int, int]]]:
+        """One read plan for the rows of every table of a batch.
 
-        ``jobs`` holds ``(table index, rows, w_dst, q_dst)``; destinations are
-        C-contiguous ``(len(rows), dim)`` / ``(len(rows), 2)`` arrays.
-        ``background`` reads (prefetch) go through their own, smaller pool of
-        ``background_io_threads``, so they never take more than that share of
-        the device's queue from the reads a running batch waits for.
+        Per target (a table's weights, its qparams) the sorted rows are
+        merged into extents (:func:`plan_extents`); the plan concatenates
+        them all, with each wanted row's place in its extent and the address
+        it goes to (``out_index`` rows of the destination, else rows in
+        order). Returns the plan and, per target, ``(table index, extents,
+        bytes, first extent)`` for the counters and the error message.
         """
         c = self.config
-        pool = self._bg_pool if background else self._pool
-        depth = c.background_io_threads if background else c.io_threads
-        tasks = []
-        t0 = time.perf_counter()
-        per_table: list[tuple[str, int, int]] = []
-        for i, rows, w_dst, q_dst in jobs:
+        parts: list[list[np.ndarray]] = [[] for _ in range(7)]
+        meta = []
+        e_total = 0
+        u_total = 0
+        for i, rows, w_dst, q_dst, out_index in jobs:
             if rows.size == 0:
                 continue
             t = self.tables[i]
@@ -173,52 +169,102 @@ class SsdTier(Tier):
             if files.qparams is not None and q_dst is not None:
                 targets.append((files.qparams, 8, q_dst))
             for fds, rb, dst in targets:
-                plan = plan_extents(rows, t.chunk_rows, rb, c.coalesce_gap_bytes,
-                                    c.max_read_bytes)
-                n_ext = plan[0].size
-                per_table.append((t.name, n_ext, int(plan[2].sum()) * rb))
-                dst8 = dst.reshape(dst.shape[0], -1).view(np.uint8)
-                # split so that all I/O threads get work, but not tiny slices
-                n_jobs = max(1, min(depth, n_ext // 4))
-                bounds = np.linspace(0, n_ext, n_jobs + 1).astype(np.int64)
-                for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-                    if b > a:
-                        tasks.append((fds, plan, rows, t.chunk_rows, rb, dst8, int(a), int(b), t))
-        if len(tasks) == 1:
-            self._read_job(*tasks[0])
-        elif tasks:
-            futures = [pool.submit(self._read_job, *task) for task in tasks]
-            errors = [f.exception() for f in futures]
-            for e in errors:
-                if e is not None:
-                    raise e
+                chunk, first, nrows, u0 = plan_extents(rows, t.chunk_rows, rb,
+                                                       c.coalesce_gap_bytes, c.max_read_bytes)
+                n_ext = chunk.size
+                ext_of_row = np.repeat(np.arange(n_ext), np.diff(u0))
+                src = (rows - chunk[ext_of_row] * t.chunk_rows - first[ext_of_row]) * rb
+                where = np.arange(rows.size) if out_index is None else out_index
+                parts[0].append(fds[chunk].astype(np.int64))
+                parts[1].append(first * rb)
+                parts[2].append(nrows * rb)
+                parts[3].append(u0[:-1] + u_total)
+                parts[4].append(src)
+                parts[5].append(dst.ctypes.data + where.astype(np.int64) * dst.strides[0])
+                parts[6].append(np.full(rows.size, rb, np.int64))
+                meta.append((i, n_ext, int(nrows.sum()) * rb, e_total))
+                e_total += n_ext
+                u_total += rows.size
+        if not meta:
+            return tuple(np.zeros(0, np.int64) for _ in range(7)), []
+        fd, off, ln, u0, src, dst, nb = (np.concatenate(p) for p in parts)
+        u0 = np.append(u0, u_total)
+        return (fd, off, ln, u0, src, dst, nb), meta
+
+    def _read_sorted(self, jobs: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None,
+                                                np.ndarray | None]],
+                     stats: dict[str, TableStats] | None, background: bool = False) -> None:
+        """Read sorted unique rows of several tables at once.
+
+        ``jobs`` holds ``(table index, rows, w_dst, q_dst, out_index)``: row
+        ``k`` goes to row ``out_index[k]`` (or ``k``) of the C-contiguous
+        ``w_dst`` (``(n, dim)``) / ``q_dst`` (``(n, 2)``), e.g. straight into
+        a cache's slots. The whole batch is one plan, cut into at most
+        ``io_threads`` slices (a slice is one GIL-free call that issues its
+        reads back to back), so a batch costs a handful of futures, not one
+        per table and extent. ``background`` reads (prefetch) go through
+        their own, smaller pool of ``background_io_threads``, so they never
+        take more than that share of the device's queue from the reads a
+        running batch waits for.
+        """
+        c = self.config
+        pool = self._bg_pool if background else self._pool
+        depth = c.background_io_threads if background else c.io_threads
+        t0 = time.perf_counter()
+        plan, meta = self._plan(jobs)
+        n_ext = plan[0].size
+        if n_ext:
+            # slices big enough that a future costs little next to its reads
+            n_jobs = max(1, min(depth, n_ext // _MIN_EXTENTS_PER_SLICE))
+            bounds = np.linspace(0, n_ext, n_jobs + 1).astype(np.int64)
+            if n_jobs == 1:
+                bad = [self._read_job(plan, 0, n_ext)]
+            else:
+                futures = [pool.submit(self._read_job, plan, int(a), int(b))
+                           for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+                bad = [f.result() for f in futures]
+            failed = [x for x in bad if x >= 0]
+            if failed:
+                e = min(failed)
+                i = max((m for m in meta if m[3] <= e), key=lambda m: m[3])[0]
+                t = self.tables[i]
+                f = self._files[i]
+                fd = int(plan[0][e])
+                w_chunk = np.flatnonzero(f.weight == fd)
+                what = (f"chunk file {int(w_chunk[0])}" if w_chunk.size else
+                        f"qparams chunk file {int(np.flatnonzero(f.qparams == fd)[0])}"
+                        if f.qparams is not None else "a chunk file")
+                raise StoreError(
+                    f"table {t.name!r}: reading {int(plan[2][e])} bytes at byte "
+                    f"{int(plan[1][e])} of {what} failed (short read or I/O error: was the "
+                    "store modified or truncated after it was opened?)")
         if stats is not None:
             dt = time.perf_counter() - t0
-            total_ops = sum(n for _, n, _ in per_table) or 1
-            for name, n_ext, nbytes in per_table:
-                st = stats[name]
-                st.read_ops += n_ext
+            total_ops = n_ext or 1
+            for i, n, nbytes, _ in meta:
+                st = stats[self.tables[i].name]
+                st.read_ops += n
                 st.bytes_read += nbytes
-                st.read_seconds += dt * n_ext / total_ops
+                st.read_seconds += dt * n / total_ops
 
     def _read_rows(self, i: int, rows: np.ndarray, w_out: np.ndarray,
                    q_out: np.ndarray | None) -> None:
         uniq, inverse = dedupe_sorted(rows)
         if uniq.size == rows.size and (rows.size < 2 or np.all(rows[1:] > rows[:-1])):
-            self._read_sorted([(i, rows, w_out, q_out)], None)
+            self._read_sorted([(i, rows, w_out, q_out, None)], None)
             return
         spec = self.tables[i].spec
         w = np.empty((uniq.size, spec.dim), spec.dtype.numpy)
         q = np.empty((uniq.size, 2), np.float32) if q_out is not None else None
-        self._read_sorted([(i, uniq, w, q)], None)
+        self._read_sorted([(i, uniq, w, q, None)], None)
         np.take(w, inverse, axis=0, out=w_out)
         if q is not None and q_out is not None:
             np.take(q, inverse, axis=0, out=q_out)
 
-    def read_many(self, requests: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]],
+    def read_many(self, requests: Sequence[ReadRequest],
                   stats: dict[str, TableStats] | None = None, *, background: bool = False) -> None:
-        self._read_sorted([(i, np.ascontiguousarray(r, np.int64), w, q)
-                           for i, r, w, q in requests], stats, background)
+        self._read_sorted([(r[0], np.ascontiguousarray(r[1], np.int64), r[2], r[3],
+                            r[4] if len(r) > 4 else None) for r in requests], stats, background)
 
     # -- pooling -----------------------------------------------------------------
     def _pool_group(self, features: SparseFeatures, tids: list[int], col_base: np.ndarray,
@@ -240,7 +286,7 @@ class SsdTier(Tier):
         jobs = []
         for p, i in enumerate(tids):
             a, b = int(stage_base[p]), int(stage_base[p]) + uniqs[p].size
-            jobs.append((i, uniqs[p], W[a:b], None if Q is None else Q[a:b]))
+            jobs.append((i, uniqs[p], W[a:b], None if Q is None else Q[a:b], None))
             stats[self.tables[i].name].rows_read += uniqs[p].size
         self._read_sorted(jobs, stats)
         self._run_kernel(W, Q, positions, features, stage_base, col_base, mode, out)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tiermem.config import TierConfig, TierKind  # noqa: E402
 from tiermem.features import SparseFeatures  # noqa: E402
 from tiermem.format import TableSpec, create_random_store, open_store  # noqa: E402
-from tiermem.kernels.rowio import pread_extents  # noqa: E402
+from tiermem.kernels.rowio import pread_scatter  # noqa: E402
 from tiermem.tiers import SsdTier  # noqa: E402
 
 
@@ -76,16 +76,19 @@ def raw_random_reads(paths: list[Path], n_reads: int, threads: int, seed: int,
         first = rng.integers(0, blocks, n_reads)
         order = np.lexsort((first, chunk))
         chunk, first = chunk[order].astype(np.int64), first[order].astype(np.int64)
-        nrows = np.ones(n_reads, np.int64)
         u0 = np.arange(n_reads + 1, dtype=np.int64)
-        rows = chunk * blocks + first
         dst = np.empty((n_reads, 4096), np.uint8)
+        ext_fd = fds[chunk].astype(np.int64)
+        ext_off = first * 4096
+        size = np.full(n_reads, 4096, np.int64)
+        src = np.zeros(n_reads, np.int64)
+        addr = dst.ctypes.data + np.arange(n_reads, dtype=np.int64) * 4096
         bounds = np.linspace(0, n_reads, threads + 1).astype(np.int64)
 
         def job(a: int, b: int) -> int:
             scratch = aligned_empty(3 * 4096)
-            return int(pread_extents(fds, chunk, first, nrows, u0, rows, blocks, 4096, dst,
-                                     scratch, a, b, 4096 if direct else 0))
+            return int(pread_scatter(ext_fd, ext_off, size, u0, src, addr, size, scratch, a, b,
+                                     4096 if direct else 0))
 
         job(0, 1)  # compile
         drop_cache(paths)

@@ -90,48 +90,6 @@ def _pread_full(fd, addr, nbytes, offset):  # type: ignore[no-untyped-def]
     return got
 
 
-@njit(**SERIAL_UNCACHED)
-def pread_extents(fds, chunk, first, nrows, u0, rows, chunk_rows, row_bytes, dst, scratch,
-                  e_start, e_stop, align):  # type: ignore[no-untyped-def]
-    """Read extents ``[e_start, e_stop)`` and place wanted rows in ``dst``.
-
-    ``dst`` is a uint8 ``(len(rows), row_bytes)`` view; ``scratch`` a uint8
-    buffer of at least the largest extent (plus ``2 * align``), whose address
-    is a multiple of ``align``. With ``align > 0`` (files opened O_DIRECT)
-    every read is widened to ``align``-byte boundaries; a read that ends
-    early at the end of the file is fine when the wanted bytes arrived.
-    Returns ``-1`` when all reads succeeded, else the index of the failing
-    extent.
-    """
-    dst_addr = dst.ctypes.data
-    scr_addr = scratch.ctypes.data
-    for e in range(e_start, e_stop):
-        fd = fds[chunk[e]]
-        off = first[e] * row_bytes
-        nb = nrows[e] * row_bytes
-        a = u0[e]
-        b = u0[e + 1]
-        if align == 0 and b - a == 1 and nrows[e] == 1:
-            got = _pread_full(fd, dst_addr + a * row_bytes, row_bytes, off)
-            if got != row_bytes:
-                return e
-            continue
-        lead = 0
-        if align > 0:
-            lead = off % align
-            span = ((lead + nb + align - 1) // align) * align
-            got = _pread_full(fd, scr_addr, span, off - lead)
-        else:
-            got = _pread_full(fd, scr_addr, nb, off)
-        if got < lead + nb:
-            return e
-        for u in range(a, b):
-            src = lead + (rows[u] - chunk[e] * chunk_rows - first[e]) * row_bytes
-            for k in range(row_bytes):
-                dst[u, k] = scratch[src + k]
-    return -1
-
-
 _memcpy = _libc.memcpy
 _memcpy.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t]
 _memcpy.restype = ctypes.c_size_t

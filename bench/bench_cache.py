@@ -298,8 +298,8 @@ def part5(args: argparse.Namespace) -> None:
           f"{rss0 / 2**30:.2f} GiB; the trace itself is held in memory)")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_store_args(ap: argparse.ArgumentParser) -> None:
+    """The store, trace and I/O options this bench shares with bench_tiered."""
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows per table")
     ap.add_argument("--tables", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
@@ -310,6 +310,11 @@ def main() -> None:
     ap.add_argument("--io-threads", type=int, default=64)
     ap.add_argument("--background-io-threads", type=int, default=16,
                     help="I/O threads of prefetch reads (TierConfig.background_io_threads)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_store_args(ap)
     ap.add_argument("--lookahead", type=int, default=2, help="part 2: prefetch lookahead")
     ap.add_argument("--page-cache", action="store_true",
                     help="read through the OS page cache instead of O_DIRECT")

@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_cache import build_store, machine, profile, traces  # noqa: E402
+from bench_cache import add_store_args, build_store, machine, profile, traces  # noqa: E402
 from bench_ssd import raw_random_reads  # noqa: E402
 from tiermem.cache.cache import CacheConfig, CachedTier  # noqa: E402
 from tiermem.config import TierConfig, TierKind  # noqa: E402
@@ -261,7 +261,7 @@ def part6(info, trs, args) -> None:
     out_dir = Path(args.dir)
     try:
         files = peer_files(info, out_dir)
-        t0 = info.tables[0]
+        first = info.tables[0]
         for name, batches in trs.items():
             warm, run = batches[:args.warm_batches], batches[args.warm_batches:]
             with cached(cold_ssd(info, args, True), 0.10, args.policy) as tier:
@@ -273,7 +273,7 @@ def part6(info, trs, args) -> None:
                 np.savez(bpath, **{f"v{i}": b.values for i, b in enumerate(run)},
                          **{f"o{i}": b.offsets for i, b in enumerate(run)})
                 spec = {"cgroup": str(cg), "budget": budget, "files": [str(f) for f in files],
-                        "rows": t0.spec.rows, "dim": t0.spec.dim, "batches": str(bpath),
+                        "rows": first.spec.rows, "dim": first.spec.dim, "batches": str(bpath),
                         "n_batches": len(run), "batch_size": run[0].batch_size,
                         "threads": os.cpu_count() or 1}
                 sp = out_dir / "peer-spec.json"
@@ -311,18 +311,10 @@ def main() -> None:
         peer_child(sys.argv[2])
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=1_000_000, help="rows per table")
-    ap.add_argument("--tables", type=int, default=8)
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=1024)
-    ap.add_argument("--pooling", type=int, default=16)
-    ap.add_argument("--batches", type=int, default=40, help="measured batches")
-    ap.add_argument("--warm-batches", type=int, default=10, help="profile batches (not measured)")
+    add_store_args(ap)
     ap.add_argument("--rounds", type=int, default=4,
                     help="interleaved rounds (parts 2-3: the trace cut into this many segments)")
     ap.add_argument("--policy", default="clock", help="cache policy (lru, clock, s3fifo, ...)")
-    ap.add_argument("--io-threads", type=int, default=64)
-    ap.add_argument("--background-io-threads", type=int, default=16)
     ap.add_argument("--parts", default="1,2,3,4,5,6")
     ap.add_argument("--dir", default="bench-out")
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run")

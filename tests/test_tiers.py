@@ -739,3 +739,22 @@ def test_features_validation_errors(make, match: str) -> None:
     with pytest.raises(InvalidBatchError, match=match):
         make()
 
+
+
+def test_ssd_read_many_checks_its_destinations(tmp_path: Path) -> None:
+    """Rows go out through raw addresses: a bad destination is refused before any read."""
+    path = tmp_path / "s.zarr"
+    _make_store(path, chunk_rows=10)
+    info = open_store(path)
+    i = [t.name for t in info.tables].index("f32_a")
+    with SsdTier(info, TierConfig(kind="ssd", io_threads=2)) as ssd:
+        rows = np.array([1, 5, 7], np.int64)
+        dst = np.zeros((4, 4), np.float32)
+        ssd.read_many([(i, rows, dst, None, np.array([3, 0, 2]))])
+        want = np.empty((3, 4), np.float32)
+        ssd.read_rows("f32_a", rows, want)
+        np.testing.assert_array_equal(dst[[3, 0, 2]], want)
+        for bad_index, bad_dst in (([0, 1, 4], dst), ([0, -1, 2], dst), ([0, 1], dst),
+                                   ([0, 1, 2], dst[:, :2]), ([0, 1, 2], dst.T)):
+            with pytest.raises(InvalidBatchError, match="destination"):
+                ssd.read_many([(i, rows, bad_dst, None, np.array(bad_index))])

@@ -28,7 +28,7 @@ from tiermem.cache.policy import BatchScratch, CachePolicy, make_policy
 from tiermem.config import PoolingMode, TierConfig, parse_share_or_bytes
 from tiermem.errors import CapacityError, ConfigError, StoreError
 from tiermem.features import SparseFeatures
-from tiermem.kernels.dedupe import dedupe_first, offset_ids
+from tiermem.kernels.dedupe import offset_ids
 from tiermem.quantize import RowDtype
 from tiermem.stats import TableStats
 from tiermem.tiers.base import Tier
@@ -422,14 +422,6 @@ class CachedTier(Tier):
             wasted = int(g.prefetched[evicted_slots].sum())
             g.prefetched[evicted_slots] = False
             self.prefetch_counters.wasted += wasted
-
-    def _count(self, g: _Group, uniq: np.ndarray, counts: np.ndarray, hit: np.ndarray,
-               stats: dict[str, TableStats]) -> None:
-        for i, pos, _ in self._split_by_table(g, uniq):
-            st = stats[self.tables[i].name]
-            st.cache_hits += int(hit[pos].sum())
-            st.cache_misses += int((~hit[pos]).sum())
-            st.hit_lookups += int(counts[pos][hit[pos]].sum())
 
     # -- prefetch and warm-up -------------------------------------------------------
     def read_group_rows(self, key: tuple[RowDtype, int], gids: np.ndarray

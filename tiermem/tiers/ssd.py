@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tiermem.config import PoolingMode, TierConfig, TierKind
-from tiermem.errors import StoreError
+from tiermem.errors import InvalidBatchError, StoreError
 from tiermem.features import SparseFeatures
 from tiermem.format import StoreInfo, TableInfo
 from tiermem.kernels.rowio import dedupe_sorted, plan_extents, pread_scatter
@@ -175,6 +175,13 @@ class SsdTier(Tier):
                 ext_of_row = np.repeat(np.arange(n_ext), np.diff(u0))
                 src = (rows - chunk[ext_of_row] * t.chunk_rows - first[ext_of_row]) * rb
                 where = np.arange(rows.size) if out_index is None else out_index
+                # the plan writes through raw addresses: check every destination row first
+                if (dst.ndim != 2 or not dst.flags.c_contiguous or dst.strides[0] != rb
+                        or where.size != rows.size
+                        or (where.size and not 0 <= where.min() <= where.max() < dst.shape[0])):
+                    raise InvalidBatchError(
+                        f"table {t.name!r}: read destination must be C-contiguous rows of {rb} "
+                        f"bytes, with one row index in [0, {dst.shape[0]}) per row read")
                 parts[0].append(fds[chunk].astype(np.int64))
                 parts[1].append(first * rb)
                 parts[2].append(nrows * rb)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -278,6 +279,14 @@ class ShardedSession:
                 slow.append(s)
         return dead, slow
 
+    def _shards_named_by(self, e: BaseException) -> list[int]:
+        """The shards whose actors a Ray error names (a restarting actor may not answer
+        the probe in time, but the error itself says which actor it was)."""
+        ids = set(re.findall(r"\b[0-9a-f]{32}\b", str(e)))
+        if getattr(e, "actor_id", None):
+            ids.add(str(e.actor_id))
+        return [s for s, a in self.actors.items() if a._actor_id.hex() in ids]
+
     def _describe(self, shards: list[int]) -> str:
         return "; ".join(f"shard {s} (tables {self._tables_of(s)})" for s in shards)
 
@@ -301,7 +310,7 @@ class ShardedSession:
                 + " -- the batch")
             return ShardTimeoutError(f"{who} did not answer within "
                                      f"{self.options.timeout_s:g} s")
-        who = self._describe(dead) or "a shard"
+        who = self._describe(dead or self._shards_named_by(e)) or "a shard"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return ShardUnavailableError(
             f"{who} unavailable: {first}"

@@ -38,6 +38,44 @@ def _as_int64(name: str, a: Any) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _table_parts(key: str, spec: Any) -> tuple[Any, Any, Any]:
+    """``(ids, offsets, weights or None)`` of one table given as a pair or a JaggedTensor."""
+    if callable(getattr(spec, "values", None)) and callable(getattr(spec, "offsets", None)):
+        weights_or_none = getattr(spec, "weights_or_none", None)
+        return (_as_int64(f"table {key!r} ids", spec.values()),
+                _as_int64(f"table {key!r} offsets", spec.offsets()),
+                weights_or_none() if callable(weights_or_none) else None)
+    if isinstance(spec, (str, bytes)) or not hasattr(spec, "__len__") or len(spec) != 2:
+        raise InvalidBatchError(
+            f"table {key!r}: expected a pair (ids, offsets) or a JaggedTensor-like object "
+            f"(values(), offsets(), weights_or_none()), got {type(spec).__name__}")
+    ids, off = spec
+    return _as_int64(f"table {key!r} ids", ids), _as_int64(f"table {key!r} offsets", off), None
+
+
+def _check_weights(w: np.ndarray, keys: tuple[str, ...], offsets: np.ndarray) -> None:
+    """Refuse NaN, infinite and beyond-float32 weights (the cast would make them inf):
+    any of them turns a pooled sum, hence a prediction, into NaN."""
+    if w.dtype.itemsize <= 4:  # float16/float32: every finite value fits
+        ok = np.isfinite(w)
+    else:
+        with np.errstate(invalid="ignore"):
+            ok = np.abs(w) <= _F32_MAX  # False for NaN and inf too
+    if ok.all():
+        return
+    i = int(np.argmin(ok))
+    batch = (offsets.size - 1) // len(keys)
+    starts = offsets[::batch] if batch else np.zeros(len(keys) + 1, np.int64)
+    t = int(np.searchsorted(starts[1:], i, side="right"))
+    v = w[i]
+    why = "is not finite" if not np.isfinite(v) else "is outside the float32 range"
+    raise InvalidBatchError(f"weights[{i}] = {v!r} {why}: table {keys[t]!r}, weight "
+                            f"{i - int(starts[t])} of the table")
+
+
 @dataclass(frozen=True, eq=False)
 class SparseFeatures:
     """The sparse part of a batch: ids of every table, CSR over ``T * B`` bags."""
@@ -79,6 +117,7 @@ class SparseFeatures:
                 raise InvalidBatchError(
                     f"weights has shape {w.shape} but values has {values.shape}: one weight per id"
                 )
+            _check_weights(w, keys, offsets)
             object.__setattr__(self, "weights", np.ascontiguousarray(w, dtype=np.float32))
 
     # -- constructors ------------------------------------------------------
@@ -125,17 +164,25 @@ class SparseFeatures:
     @classmethod
     def from_tables(cls, tables: Mapping[str, tuple[Any, Any]] | Sequence[tuple[str, Any, Any]],
                     weights: Mapping[str, Any] | None = None) -> SparseFeatures:
-        """Build from per-table ``(ids, offsets)`` with ``B + 1`` offsets each."""
+        """Build from per-table ``(ids, offsets)`` with ``B + 1`` offsets each.
+
+        A value may also be JaggedTensor-like (``values()``, ``offsets()``,
+        optionally ``weights_or_none()``), so TorchRec's ``kjt.to_dict()`` is a
+        valid input; its weights are used when ``weights`` is not given
+        (tables without any weigh 1).
+        """
         items = list(tables.items()) if isinstance(tables, Mapping) else [
             (k, (i, o)) for k, i, o in tables]
         if not items:
             raise InvalidBatchError("no tables given")
+        parts = [(k, *_table_parts(k, spec)) for k, spec in items]
+        if weights is None and any(w is not None for *_, w in parts):
+            weights = {k: w if w is not None else np.ones(ids.size, np.float32)
+                       for k, ids, _, w in parts}
         keys, vals, offs, ws = [], [], [], []
         base = 0
         batch = None
-        for k, (ids, off) in items:
-            ids = _as_int64(f"table {k!r} ids", ids)
-            off = _as_int64(f"table {k!r} offsets", off)
+        for k, ids, off, _ in parts:
             msg = check_offsets(off, ids.size)
             if msg:
                 raise InvalidBatchError(f"table {k!r}: {msg}")
@@ -152,7 +199,15 @@ class SparseFeatures:
             if weights is not None:
                 if k not in weights:
                     raise InvalidBatchError(f"weights given but not for table {k!r}")
-                wk = np.asarray(weights[k], dtype=np.float32).reshape(-1)
+                wk = weights[k]
+                if hasattr(wk, "detach"):
+                    wk = wk.detach().cpu().numpy()
+                wk = np.asarray(wk).reshape(-1)  # cast to float32 once range-checked
+                if wk.dtype.kind in "iub":
+                    wk = wk.astype(np.float64)
+                if wk.dtype.kind != "f":
+                    raise InvalidBatchError(
+                        f"table {k!r}: weights must be floating point, got dtype {wk.dtype}")
                 if wk.size != ids.size:
                     raise InvalidBatchError(
                         f"table {k!r}: {wk.size} weights for {ids.size} ids: one weight per id")

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from runtime.model import DLRMConfig, DenseDLRM, random_dense
+from tiermem.atomicio import chmod_default
 from tiermem.errors import ConfigError, StoreFormatError
 
 if TYPE_CHECKING:
@@ -414,6 +415,7 @@ def _atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        chmod_default(fd)  # mkstemp's 0600 would outlive the rename
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

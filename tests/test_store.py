@@ -748,3 +748,74 @@ def test_open_is_fast_enough_for_many_chunks(tmp_path: Path) -> None:
     os.unlink(info.table("a").weight_chunk(499))
     with pytest.raises(StoreFormatError, match="c/499/0"):
         open_store(tmp_path / "s")
+
+
+def test_chunk_replaced_by_a_folder_of_the_same_size(tmp_path: Path) -> None:
+    """A folder whose st_size equals the chunk's byte size passes a size check alone."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    size = probe.stat().st_size  # 4096 on ext4, 40+ on tmpfs...
+    if not size or size % 4:
+        pytest.skip(f"folders here have st_size {size}, not a whole number of float32 rows")
+    path = tmp_path / "s.zarr"
+    rows = 3 * size // 4
+    table = np.arange(rows, dtype=np.float32).reshape(rows, 1)
+    create_store_from_arrays(path, {"a": table}, chunk_rows=size // 4)
+    chunk = path / "tables" / "a" / "weight" / "c" / "1" / "0"
+    chunk.unlink()
+    chunk.mkdir()
+    assert chunk.stat().st_size == size  # the case that fooled open_store
+    with pytest.raises(StoreFormatError, match=r"c/1/0 is not a regular file \(a folder\)"):
+        open_store(path)
+    from tiermem.config import TierConfig
+    from tiermem.tiers import open_tier
+
+    info = open_store(path, check_chunks=False)
+    with pytest.raises(StoreFormatError, match=r"c/1/0 is not a regular file"):
+        open_tier(info, TierConfig(kind="dram"))
+    with pytest.raises(StoreError, match=r"c/1/0: not a regular file"):
+        open_tier(info, TierConfig(kind="ssd"))
+
+
+def test_store_path_in_a_symlink_loop(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(StoreFormatError, match=r"a\.zarr cannot be opened: symlink loop"):
+        open_store(a)
+    with pytest.raises(StoreFormatError, match="does not exist"):
+        open_store(tmp_path / "nope.zarr")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_written_through_temporaries_follow_the_umask(tmp_path: Path, umask: int) -> None:
+    """mkstemp/mkdtemp make 0600/0700 whatever the umask; what is renamed into place must not."""
+    from runtime.checkpoint import save_dlrm_checkpoint
+    from runtime.distributed.planner import make_plan
+    from runtime.model import DLRMConfig, random_dense
+    from tiermem.features import SparseFeatures
+    from tiermem.format import TableSpec
+    from traces.formats import write_trace
+    from traces.replay import _save_npy_atomic, write_json_atomic
+
+    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+    old = os.umask(umask)
+    try:
+        cfg = DLRMConfig(num_dense=2, embedding_dim=2, num_tables=1, bottom_mlp=(2,),
+                         top_mlp=(1,), interaction="dlrm")
+        written = [
+            save_dlrm_checkpoint(tmp_path / "model.pt", cfg, [np.ones((3, 2), np.float32)],
+                                 random_dense(cfg)),
+            make_plan([TableSpec("a", 10, 2)], 1, None, "load").save(tmp_path / "plan.json"),
+            write_json_atomic(tmp_path / "replay.json", {"x": 1}),
+            _save_npy_atomic(tmp_path / "preds.npy", np.zeros(3, np.float32)),
+        ]
+        trace = write_trace(tmp_path / "trace", [SparseFeatures.from_tables({"a": ([1], [0, 1])})])
+    finally:
+        os.umask(old)
+    for p in written:
+        assert oct(p.stat().st_mode & 0o777) == oct(file_mode), p
+    assert oct(Path(trace).stat().st_mode & 0o777) == oct(dir_mode)
+    for p in Path(trace).rglob("*"):
+        want = dir_mode if p.is_dir() else file_mode
+        assert oct(p.stat().st_mode & 0o777) == oct(want), p

@@ -23,10 +23,12 @@ or foreign file is an error at open, never a SIGBUS or garbage later.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -564,13 +566,34 @@ def _check_array(meta: dict[str, Any], where: Path, shape: tuple[int, int], chun
         raise bad(f"codecs {codecs} are not a single uncompressed little-endian 'bytes' codec")
 
 
+def _why(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links)"
+    return e.strerror or str(e)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symlink"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
 def _check_chunks(dir_: Path, n_chunks: int, chunk_bytes: int) -> None:
     for i in range(n_chunks):
         p = dir_ / "c" / str(i) / "0"
         try:
-            size = p.stat().st_size
+            st = p.stat()
         except FileNotFoundError:
             raise StoreFormatError(f"chunk file {p} is missing") from None
+        except OSError as e:
+            raise StoreFormatError(f"chunk file {p} cannot be read: {_why(e)}") from None
+        if not stat.S_ISREG(st.st_mode):  # a folder's st_size may equal the chunk's size
+            raise StoreFormatError(f"chunk file {p} is not a regular file "
+                                   f"({_file_kind(st.st_mode)})")
+        size = st.st_size
         if size != chunk_bytes:
             raise StoreFormatError(
                 f"chunk file {p} has {size} bytes, expected {chunk_bytes} (truncated or foreign)"
@@ -580,8 +603,12 @@ def _check_chunks(dir_: Path, n_chunks: int, chunk_bytes: int) -> None:
 def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> StoreInfo:
     """Open and validate a store; raises StoreFormatError naming what is wrong."""
     root = Path(path)
-    if not root.exists():
-        raise StoreFormatError(f"store {root} does not exist")
+    try:
+        root.stat()
+    except FileNotFoundError:
+        raise StoreFormatError(f"store {root} does not exist") from None
+    except OSError as e:  # a symlink loop, a permission denied on the way...
+        raise StoreFormatError(f"store {root} cannot be opened: {_why(e)}") from None
     if not root.is_dir():
         raise StoreFormatError(f"store {root} is not a folder (a zarr v3 group is a folder)")
     group = _load_json(root / "zarr.json", "store metadata")
@@ -653,7 +680,13 @@ def read_rows_into(t: TableInfo, start: int, stop: int, w: np.ndarray,
 
 
 def _pread_exact(path: Path, offset: int, view: memoryview) -> None:
-    with open(path, "rb", buffering=0) as f:
+    try:
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
+    except IsADirectoryError:  # a store opened with check_chunks=False
+        raise StoreFormatError(f"chunk file {path} is not a regular file (a folder)") from None
+    except OSError as e:
+        raise StoreFormatError(f"chunk file {path} cannot be read: {_why(e)}") from None
+    with f:
         f.seek(offset)
         got = 0
         while got < len(view):

@@ -67,6 +67,7 @@ from typing import IO, Any, NamedTuple
 
 import numpy as np
 
+from tiermem.atomicio import chmod_default
 from tiermem.errors import ConfigError, InvalidBatchError
 from tiermem.features import SparseFeatures
 
@@ -331,6 +332,7 @@ class TraceWriter:
             raise ConfigError(f"{self.path} exists (pass overwrite=True to replace it)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.path.parent))
+        chmod_default(self._tmp, directory=True)  # mkdtemp's 0700 would outlive the rename
         (self._tmp / "batches").mkdir()
         self._sizes: list[int] = []
         self._lookups = 0
@@ -435,9 +437,17 @@ class TraceWriter:
 def write_trace(path: str | os.PathLike[str], batches: Iterable[TraceBatch | SparseFeatures], *,
                 keys: Sequence[str] | None = None, rows: Sequence[int] | None = None,
                 num_dense: int | None = None, overwrite: bool = False, compress: bool = False,
-                attrs: dict[str, Any] | None = None) -> Path:
-    """Write ``batches`` as a native trace; ``keys``/``num_dense`` default to the first batch's."""
+                attrs: dict[str, Any] | None = None, progress: bool = False,
+                total: int | None = None) -> Path:
+    """Write ``batches`` as a native trace; ``keys``/``num_dense`` default to the first batch's.
+
+    ``progress``: a tqdm bar on stderr (``total`` batches, when known).
+    """
+    from tqdm.auto import tqdm
+
     writer: TraceWriter | None = None
+    bar = tqdm(total=total, desc="write trace", unit="batch", disable=not progress,
+               leave=False)
     try:
         for x in batches:
             tb = x if isinstance(x, TraceBatch) else TraceBatch(None, x, None)
@@ -447,6 +457,8 @@ def write_trace(path: str | os.PathLike[str], batches: Iterable[TraceBatch | Spa
                 writer = TraceWriter(path, keys or tb.sparse.keys, rows, num_dense=nd,
                                      overwrite=overwrite, compress=compress, attrs=attrs)
             writer.append(tb)
+            bar.update(1)
+        bar.close()
         if writer is None:
             if keys is None:
                 raise ConfigError("no batches to write and no keys given")
@@ -454,6 +466,7 @@ def write_trace(path: str | os.PathLike[str], batches: Iterable[TraceBatch | Spa
                                  overwrite=overwrite, compress=compress, attrs=attrs)
         return writer.close()
     except BaseException:
+        bar.close()
         if writer is not None:
             writer.abort()
         raise
@@ -592,12 +605,17 @@ def open_trace(path: str | os.PathLike[str], **kwargs: Any) -> NativeTrace:
 
 
 def convert_trace(source: Trace, out: str | os.PathLike[str], *, overwrite: bool = False,
-                  compress: bool = False, attrs: dict[str, Any] | None = None) -> Path:
-    """Stream any :class:`Trace` into a native trace at ``out``."""
+                  compress: bool = False, attrs: dict[str, Any] | None = None,
+                  progress: bool = False) -> Path:
+    """Stream any :class:`Trace` into a native trace at ``out`` (``progress``: a bar)."""
     a = {"source": type(source).__name__, **(attrs or {})}
+    try:
+        total: int | None = len(source)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
     return write_trace(out, iter(source), keys=source.keys, rows=source.rows,
                        num_dense=source.num_dense, overwrite=overwrite, compress=compress,
-                       attrs=a)
+                       attrs=a, progress=progress, total=total)
 
 
 # -- Meta dlrm_datasets ----------------------------------------------------------------
@@ -714,6 +732,13 @@ class MetaTrace(Trace):
                         m[t] = max(m[t], int(x.sparse.values[s:e].max()))
             self._scanned_rows = tuple(int(v) + 1 if v >= 0 else 1 for v in m)
         return self._scanned_rows
+
+    def __len__(self) -> int:
+        """One batch per file as stored; re-cut (``batch_size``) the count is unknown
+        without loading every file, and ``len()`` raises TypeError as for any stream."""
+        if self.batch_size is None:
+            return len(self.paths)
+        raise TypeError("a re-batched Meta trace has no length until its files are read")
 
     def _one_file(self, path: Path, check_rows: bool) -> Iterator[TraceBatch]:
         indices, offsets, lengths = _load_meta_file(path)

@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from tiermem.atomicio import chmod_default
 from tiermem.config import TierConfig, TierKind
 from tiermem.errors import ConfigError, InvalidBatchError
 from tiermem.features import SparseFeatures
@@ -81,6 +82,7 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
         raise ConfigError(f"cannot write {out}: folder {parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=parent)
     try:
+        chmod_default(fd)  # mkstemp's 0600 would outlive the rename
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
@@ -98,6 +100,7 @@ def _save_npy_atomic(path: str | os.PathLike[str], arr: np.ndarray) -> Path:
         raise ConfigError(f"cannot write {out}: folder {parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp.npy", dir=parent)
     try:
+        chmod_default(fd)
         with os.fdopen(fd, "wb") as f:
             np.save(f, arr)
         os.replace(tmp, out)

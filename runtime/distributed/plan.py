@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tiermem.atomicio import chmod_default
 from tiermem.errors import ConfigError
 from tiermem.format import StoreInfo, TableSpec
 
@@ -206,6 +207,7 @@ class ShardPlan:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            chmod_default(fd)  # mkstemp's 0600 would outlive the rename
             with os.fdopen(fd, "w") as f:
                 json.dump(self.to_dict(), f, indent=1)
                 f.write("\n")

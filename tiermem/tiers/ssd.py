@@ -16,6 +16,7 @@ allocates, the honest setting for a table larger than memory.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -80,6 +81,9 @@ class _TableFiles:
             raise StoreError(f"cannot open chunk file {path}: {e.strerror}"
                              + (" (the file system may not support O_DIRECT)" if direct else "")
                              ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder opens O_RDONLY, then reads fail
+            os.close(fd)
+            raise StoreError(f"cannot open chunk file {path}: not a regular file")
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         return fd

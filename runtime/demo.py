@@ -109,7 +109,9 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, log: Any = print) -> dict[str, A
     store_path = out / "store.zarr"
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
-    tables = [rng.uniform(-1, 1, (r, cfg.dim)).astype(np.float32) / np.sqrt(r) for r in rows]
+    # the scale as a float32 scalar: NumPy 2 would promote float32 / float64 to float64 tables
+    tables = [rng.uniform(-1, 1, (r, cfg.dim)).astype(np.float32) / np.float32(np.sqrt(r))
+              for r in rows]
     save_dlrm_checkpoint(model_path, mcfg, tables, random_dense(mcfg, seed=cfg.seed))
     del tables
     info = store_from_checkpoint(model_path, store_path, dtype=cfg.dtype, overwrite=True)

@@ -101,13 +101,28 @@ class RuntimeConfig:
 def batch_features(sparse: SparseFeatures | Mapping[str, Any],
                    table_names: Sequence[str]) -> SparseFeatures:
     """A batch's sparse part as :class:`SparseFeatures` in the model's table order."""
-    if isinstance(sparse, Mapping):
+    if isinstance(sparse, Mapping):  # table -> (ids, offsets), or kjt.to_dict()
         sparse = SparseFeatures.from_tables(dict(sparse))
+    elif not isinstance(sparse, SparseFeatures) and all(
+            callable(getattr(sparse, m, None)) for m in ("keys", "values", "offsets")):
+        sparse = _from_kjt(sparse)
     if not isinstance(sparse, SparseFeatures):
         raise InvalidBatchError(
-            f"sparse must be SparseFeatures or a mapping of table -> (ids, offsets), got "
-            f"{type(sparse).__name__}")
+            f"sparse must be SparseFeatures, a KeyedJaggedTensor, or a mapping of table -> "
+            f"(ids, offsets) or JaggedTensor, got {type(sparse).__name__}")
     return sparse.select(table_names)
+
+
+def _from_kjt(kjt: Any) -> SparseFeatures:
+    """A KeyedJaggedTensor-like batch (key-major offsets, one stride for every key)."""
+    vbe = getattr(kjt, "variable_stride_per_key", None)
+    if callable(vbe) and vbe():
+        raise InvalidBatchError("a KeyedJaggedTensor with a variable batch size per key is not "
+                                "supported: every table needs the same B")
+    weights_or_none = getattr(kjt, "weights_or_none", None)
+    return SparseFeatures.from_offsets(
+        list(kjt.keys()), kjt.values(), kjt.offsets(),
+        weights_or_none() if callable(weights_or_none) else None)
 
 
 def dense_tensor(dense: Any, num_dense: int) -> torch.Tensor:
@@ -287,7 +302,9 @@ class InferenceSession:
         with kernel_threads(self.config.num_threads):
             pooled = self.tier.pool(features, mode=self.config.pooling,
                                     validate=self.config.validate)
-        return pooled.reshape(features.batch_size, len(self.table_names), -1)
+        # D spelled out: -1 is ambiguous for an empty batch (B = 0)
+        return pooled.reshape(features.batch_size, len(self.table_names),
+                              self.dense.config.embedding_dim)
 
     def _mlp(self, dense: torch.Tensor, pooled: np.ndarray) -> np.ndarray:
         return run_dense(self._forward, dense, pooled, self.config.num_threads)

@@ -193,3 +193,103 @@ def test_num_threads_holds_for_torch_after_the_kernels_ran(tmp_path):
                 assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("tier", ["dram", "ssd"])
+def test_empty_batch_gives_empty_results_of_the_batch_dtypes(tmp_path, tier):
+    path, cfg = _model(tmp_path, "dlrm")
+    store = tmp_path / "s.zarr"
+    store_from_checkpoint(path, store)
+    rng = np.random.default_rng(2)
+    with InferenceSession.open(path, store, RuntimeConfig(tier=TierConfig(kind=tier))) as sess:
+        sparse, per = _batch(sess.table_names, 3, rng)
+        dense = rng.standard_normal((3, cfg.num_dense)).astype(np.float32)
+        full_p, full_e = sess.predict(dense, sparse), sess.embed(sparse)
+        empty = SparseFeatures(sess.table_names, np.zeros(0, np.int64),
+                               np.zeros(1, np.int64))
+        p = sess.predict(dense[:0], empty)
+        e = sess.embed({n: (np.zeros(0, np.int64), np.zeros(1, np.int64))
+                        for n in sess.table_names})
+        assert p.shape == (0,) and p.dtype == full_p.dtype == np.float32
+        assert e.shape == (0, *full_e.shape[1:]) and e.dtype == full_e.dtype
+        assert list(sess.predict_stream([(dense[:0], empty), (dense, sparse)])
+                    )[0].shape == (0,)
+
+
+class _Jagged:
+    """What tiermem reads of a torchrec JaggedTensor."""
+
+    def __init__(self, values, offsets, weights=None):
+        self._v, self._o, self._w = values, offsets, weights
+
+    def values(self):
+        return self._v
+
+    def offsets(self):
+        return self._o
+
+    def weights_or_none(self):
+        return self._w
+
+
+class _KJT(_Jagged):
+    """What tiermem reads of a torchrec KeyedJaggedTensor (and its to_dict)."""
+
+    def __init__(self, f: SparseFeatures):
+        super().__init__(torch.from_numpy(f.values), torch.from_numpy(f.offsets),
+                         None if f.weights is None else torch.from_numpy(f.weights))
+        self._f = f
+
+    def keys(self):
+        return list(self._f.keys)
+
+    def to_dict(self):
+        return {k: _Jagged(*(None if a is None else torch.from_numpy(a) for a in self._f.table(k)))
+                for k in self._f.keys}
+
+
+def test_keyed_jagged_tensor_and_its_to_dict_are_accepted(tmp_path):
+    path, cfg = _model(tmp_path, "dlrm")
+    store = tmp_path / "s.zarr"
+    store_from_checkpoint(path, store)
+    rng = np.random.default_rng(8)
+    with InferenceSession.open(path, store) as sess:
+        sparse, per = _batch(sess.table_names, 5, rng)
+        w = rng.random(sparse.values.size).astype(np.float32)
+        weighted = SparseFeatures(sparse.keys, sparse.values, sparse.offsets, w)
+        dense = rng.standard_normal((5, cfg.num_dense)).astype(np.float32)
+        for f in (sparse, weighted):
+            exp = sess.predict(dense, f)
+            np.testing.assert_array_equal(sess.predict(dense, _KJT(f).to_dict()), exp)
+            np.testing.assert_array_equal(sess.predict(dense, _KJT(f)), exp)
+        with pytest.raises(InvalidBatchError, match="KeyedJaggedTensor, or a mapping"):
+            sess.predict(dense, [1, 2, 3])
+
+
+def test_real_torchrec_kjt_to_dict(tmp_path):
+    jt = pytest.importorskip("torchrec.sparse.jagged_tensor")
+    path, cfg = _model(tmp_path, "dlrm")
+    store = tmp_path / "s.zarr"
+    store_from_checkpoint(path, store)
+    rng = np.random.default_rng(9)
+    with InferenceSession.open(path, store) as sess:
+        sparse, _ = _batch(sess.table_names, 4, rng)
+        kjt = jt.KeyedJaggedTensor(keys=list(sparse.keys), values=torch.from_numpy(sparse.values),
+                                   offsets=torch.from_numpy(sparse.offsets))
+        dense = rng.standard_normal((4, cfg.num_dense)).astype(np.float32)
+        exp = sess.predict(dense, sparse)
+        np.testing.assert_array_equal(sess.predict(dense, kjt.to_dict()), exp)
+        np.testing.assert_array_equal(sess.predict(dense, kjt), exp)
+
+
+def test_demo_checkpoint_tables_are_float32(tmp_path):
+    from runtime.checkpoint import load_checkpoint
+    from runtime.demo import DemoConfig, run_demo
+
+    out = tmp_path / "demo"
+    run_demo(DemoConfig(out=str(out), max_rows=40, batches=1, batch_size=4), log=lambda *a: None)
+    ckpt = load_checkpoint(out / "model.pt")
+    assert {t.dtype for t in ckpt.tables} == {torch.float32}
+    # the checkpoint is no bigger than its tables in float32 (plus the small MLPs)
+    table_bytes = sum(t.numel() * 4 for t in ckpt.tables)
+    assert (out / "model.pt").stat().st_size < table_bytes * 1.5 + 2**20

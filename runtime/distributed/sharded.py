@@ -373,12 +373,14 @@ class ShardedSession:
 
     def embed(self, sparse: SparseFeatures | Mapping[str, Any]) -> np.ndarray:
         """Pooled embeddings ``(B, T, D)`` in the model's table order."""
+        f = self._validated(sparse)
+        if f.batch_size == 0:  # nothing to ask the shards
+            return np.zeros((0, len(self.table_names), self.dense.config.embedding_dim),
+                            np.float32)
         if self.options.transport == "compiled":
-            f = self._validated(sparse)
             with self._dag_lock:
                 return self._dag_result(f, self._dag_execute(f, []))
-        f, reqs = self._route(sparse)
-        return self._gather(f, self._submit(reqs))
+        return self._gather(f, self._submit(self.router.split_batch(f)))
 
     def predict(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any]) -> np.ndarray:
         """Click probabilities ``(B,)`` float32 for a batch."""

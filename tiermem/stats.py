@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = ["TableStats", "TierStats"]
@@ -68,6 +68,17 @@ class TierStats:
         with self._lock:
             self.tables.clear()
             self.batches = 0
+
+    def snapshot(self) -> tuple[int, dict[str, TableStats]]:
+        """The counters now, to put back with :meth:`restore`."""
+        with self._lock:
+            return self.batches, {k: replace(v) for k, v in self.tables.items()}
+
+    def restore(self, snap: tuple[int, dict[str, TableStats]]) -> None:
+        """Put back counters taken by :meth:`snapshot` (work done in between is forgotten)."""
+        with self._lock:
+            self.batches = snap[0]
+            self.tables = {k: replace(v) for k, v in snap[1].items()}
 
     def to_dict(self) -> dict[str, Any]:
         with self._lock:

@@ -19,7 +19,7 @@ capacity. All counting happens on vectors; nothing loops per id in Python.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -164,6 +164,7 @@ class CachedTier(Tier):
         self.kind = cold.kind  # type: ignore[misc]
         super().__init__(cold.store, config or cold.config)
         self.cold = cold
+        self._owns_cold = True  # False for a scratch copy sharing another cache's tier
         self.cache_config = cache
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -542,6 +543,19 @@ class CachedTier(Tier):
                    q_out: np.ndarray | None) -> None:
         self.cold._read_rows(i, rows, w_out, q_out)
 
+    def scratch_copy(self, rows: int = 64) -> CachedTier:
+        """A small empty cache like this one over the same cold tier (closing it leaves the
+        cold tier open): a warm-up runs the very kernels, with the same argument types,
+        through it, and this cache's content and counters stay as they are."""
+        min_rows = min(sum(self.tables[i].spec.rows for i in g.tables)
+                       for g in self._pools.values())
+        cfg = replace(self.cache_config, capacity_rows=max(1, min(rows, min_rows)),
+                      capacity_bytes=None, capacity_fraction=None)
+        scratch = CachedTier(self.cold, cfg, config=self.config)
+        scratch._owns_cold = False
+        return scratch
+
     def close(self) -> None:
         super().close()
-        self.cold.close()
+        if self._owns_cold:
+            self.cold.close()

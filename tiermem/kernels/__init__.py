@@ -4,10 +4,47 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numba
 
-__all__ = ["max_threads", "threads"]
+__all__ = ["KernelCensus", "kernel_census", "max_threads", "threads"]
+
+#: the modules whose ``@njit`` functions make up tiermem's kernels
+_MODULES = ("dedupe", "jagged", "nextuse", "policies", "rowio", "sls", "validate")
+
+
+@dataclass(frozen=True)
+class KernelCensus:
+    """How many kernel specialisations exist in this process, and where they came from."""
+
+    signatures: int
+    """compiled specialisations (one per kernel and argument types)."""
+    compiled: int
+    """of those, compiled in this process (not found in Numba's on-disk cache)."""
+    loaded: int
+    """of those, loaded from the on-disk cache."""
+
+    def since(self, before: KernelCensus) -> KernelCensus:
+        return KernelCensus(self.signatures - before.signatures,
+                            self.compiled - before.compiled, self.loaded - before.loaded)
+
+
+def kernel_census() -> KernelCensus:
+    """Count the specialisations of every kernel (a warm-up is complete when a run adds none)."""
+    import importlib
+
+    from numba.core.registry import CPUDispatcher
+
+    sigs = compiled = loaded = 0
+    for name in _MODULES:
+        mod = importlib.import_module(f"{__name__}.{name}")
+        for obj in vars(mod).values():
+            if isinstance(obj, CPUDispatcher) and obj.__module__ == mod.__name__:
+                sigs += len(obj.signatures)
+                compiled += sum(obj.stats.cache_misses.values())
+                loaded += sum(obj.stats.cache_hits.values())
+    return KernelCensus(sigs, compiled, loaded)
 
 
 def max_threads() -> int:

@@ -26,5 +26,3 @@ PARALLEL = {**SERIAL, "parallel": True}
 #: the GIL away, and taking it back waits behind the batch workers (measured: a 22 us
 #: decode took 530 us on the loop of a busy server). Holding it for microseconds is cheaper.
 HOLD_GIL = {**SERIAL, "nogil": False}
-#: for kernels that call ctypes functions (libc pread): Numba cannot cache those.
-SERIAL_UNCACHED = {**SERIAL, "cache": False}

@@ -9,19 +9,19 @@ read (an *extent*) when the gap between them is small.
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
-from numba import njit
+from numba import njit, types
 
-from tiermem.kernels._flags import SERIAL, SERIAL_UNCACHED
+from tiermem.kernels._flags import SERIAL
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_pread = _libc.pread
-# Buffers go in as integer addresses (size_t): Numba passes ints to ctypes
-# functions, and on x86-64/aarch64 a pointer and a size_t share one register.
-_pread.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int64]
-_pread.restype = ctypes.c_ssize_t
+# libc's pread and memcpy, bound by symbol name at link time (not by a ctypes pointer
+# baked into the code), so the kernels that call them are cached across processes like
+# every other kernel. Buffers go in as integer addresses: Numba turns an int into a
+# void* argument, and on x86-64/aarch64 a pointer and a size_t share one register.
+_pread = types.ExternalFunction(
+    "pread", types.intp(types.intc, types.voidptr, types.uintp, types.int64))
+_memcpy = types.ExternalFunction(
+    "memcpy", types.voidptr(types.voidptr, types.voidptr, types.uintp))
 
 
 @njit(**SERIAL)
@@ -79,7 +79,7 @@ def plan_extents(rows, chunk_rows, row_bytes, gap_bytes, max_extent_bytes):  # t
     return chunk[: e + 1].copy(), first[: e + 1].copy(), nrows[: e + 1].copy(), u0[: e + 2].copy()
 
 
-@njit(**SERIAL_UNCACHED)
+@njit(**SERIAL)
 def _pread_full(fd, addr, nbytes, offset):  # type: ignore[no-untyped-def]
     got = 0
     while got < nbytes:
@@ -90,12 +90,7 @@ def _pread_full(fd, addr, nbytes, offset):  # type: ignore[no-untyped-def]
     return got
 
 
-_memcpy = _libc.memcpy
-_memcpy.argtypes = [ctypes.c_size_t, ctypes.c_size_t, ctypes.c_size_t]
-_memcpy.restype = ctypes.c_size_t
-
-
-@njit(**SERIAL_UNCACHED)
+@njit(**SERIAL)
 def pread_scatter(ext_fd, ext_off, ext_len, ext_u0, row_src, row_dst, row_nb, scratch,  # type: ignore[no-untyped-def]
                   e_start, e_stop, align):
     """Read extents ``[e_start, e_stop)`` of a whole batch's plan; rows land at their addresses.

@@ -45,7 +45,8 @@ How the kernels are built (see bench/bench_sls.py for the figures):
 
 from __future__ import annotations
 
-__all__ = ["PREFETCH_DISTANCE", "gather_touch", "pool_arena", "sparse_lengths_sum"]
+__all__ = ["PREFETCH_DISTANCE", "gather_touch", "parallel_min_work", "pool_arena",
+           "sparse_lengths_sum"]
 
 import numba
 import numpy as np
@@ -404,6 +405,12 @@ _I64 = np.dtype(np.int64)
 
 
 _WIDTHS: dict[int, tuple[float | int, ...]] = {}
+
+
+def parallel_min_work() -> int:
+    """Lookups + bags from which a batch runs on the parallel kernel (when more than one
+    thread is allowed); smaller batches run serially on the calling thread."""
+    return _PARALLEL_MIN_WORK
 
 
 def _num_threads() -> int:

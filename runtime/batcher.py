@@ -23,10 +23,17 @@ Rules
   full, ``overload="reject"`` raises :class:`Overloaded` at once;
   ``overload="wait"`` blocks up to ``wait_timeout_s`` (and never past the
   request's deadline), then raises :class:`Overloaded`.
-- **Deadlines.** A request whose deadline passes while it waits fails with
-  :class:`DeadlineExceeded` at that moment (a reaper thread watches the
-  earliest deadline, so it fails even while the worker is busy); a request
-  never starts after its deadline. One that started in time finishes.
+- **Deadlines.** A deadline is the time by which the answer must be there.
+  A request fails with :class:`DeadlineExceeded` (counted in
+  ``deadline_missed``) when: its ``submit`` comes after the deadline, or the
+  service-time estimate (batch seconds fitted as ``fixed + per_sample *
+  samples`` over recent batches) says it cannot finish in the time left, even
+  starting at once (``submit`` raises; nothing is queued); the deadline passes
+  while it waits (at that moment: a reaper thread watches the earliest
+  deadline, so it fails even while the workers are busy); its batch is about
+  to start and the estimate for that batch says it would end too late; or its
+  batch ends after the deadline (the result is discarded). Until a batch has
+  run there is no estimate, and only the other rules apply.
 - **Prefetch.** Before each batch runs, the requests queued behind it are
   announced to ``session.prefetch`` (merged into batches of up to
   ``max_batch_size`` samples, at most ``prefetch_batches`` of them, each
@@ -70,6 +77,7 @@ __all__ = [
     "DeadlineExceeded",
     "DynamicBatcher",
     "Overloaded",
+    "ServiceTime",
     "concat_features",
 ]
 
@@ -81,7 +89,7 @@ class Overloaded(TierMemError):
 
 
 class DeadlineExceeded(TierMemError, TimeoutError):
-    """The request's deadline passed before it could run."""
+    """The request could not be answered by its deadline (refused, expired or finished late)."""
 
 
 class BatcherClosed(TierMemError):
@@ -157,6 +165,42 @@ def concat_features(parts: list[SparseFeatures]) -> SparseFeatures:
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
 
 
+class ServiceTime:
+    """Seconds a batch of ``n`` samples takes, as ``fixed + per_sample * n``.
+
+    Fitted by least squares over the batches run, each older batch weighing
+    ``decay`` times less, so the estimate follows load and cache changes.
+    Not thread-safe: the batcher calls it under its lock.
+    """
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay = decay
+        self._w = self._n = self._t = self._nn = self._nt = 0.0
+
+    def observe(self, samples: int, seconds: float) -> None:
+        d = self.decay
+        self._w = self._w * d + 1.0
+        self._n = self._n * d + samples
+        self._t = self._t * d + seconds
+        self._nn = self._nn * d + samples * samples
+        self._nt = self._nt * d + samples * seconds
+
+    def fit(self) -> tuple[float, float] | None:
+        """``(fixed, per_sample)`` seconds, or None before the first batch."""
+        if self._w == 0.0 or self._n == 0.0:
+            return None
+        var = self._nn - self._n * self._n / self._w
+        if var <= 1e-9 * self._nn:  # every batch had the same size: proportional
+            return 0.0, self._t / self._n
+        per_sample = max(0.0, (self._nt - self._n * self._t / self._w) / var)
+        return max(0.0, (self._t - per_sample * self._n) / self._w), per_sample
+
+    def estimate(self, samples: int) -> float | None:
+        """Seconds for a batch of ``samples``, or None before the first batch."""
+        f = self.fit()
+        return None if f is None else f[0] + f[1] * samples
+
+
 @dataclass(eq=False)
 class _Request:
     dense: np.ndarray
@@ -188,7 +232,8 @@ class BatcherCounters:
     rejected: int = 0
     """requests refused because the queue was full (:class:`Overloaded`)."""
     deadline_missed: int = 0
-    """requests whose deadline passed before they ran (:class:`DeadlineExceeded`)."""
+    """requests failed with :class:`DeadlineExceeded`: refused by the service-time
+    estimate, expired while queued, or finished after their deadline."""
     cancelled: int = 0
     """requests cancelled by their caller, or failed by ``close(drain=False)``."""
     batches: int = 0
@@ -242,6 +287,7 @@ class DynamicBatcher:
         self._stopped = False
         self._drain = True
         self.counters = BatcherCounters()
+        self.service_time = ServiceTime()
         self._workers = [threading.Thread(target=self._run, name=f"tiermem-batcher-{i}",
                                           daemon=True) for i in range(self.config.workers)]
         self._reaper = threading.Thread(target=self._reap, name="tiermem-deadlines", daemon=True)
@@ -302,7 +348,7 @@ class DynamicBatcher:
         dense, sparse
             ``(B, num_dense)`` dense features and the request's sparse features.
         deadline : float, optional
-            ``time.monotonic()`` time by which the request must have started.
+            ``time.monotonic()`` time by which the predictions must be there.
 
         Raises
         ------
@@ -311,7 +357,8 @@ class DynamicBatcher:
         Overloaded
             The queue is full (``reject``) or stayed full (``wait``).
         DeadlineExceeded
-            The deadline already passed (or passed while waiting for room).
+            The deadline already passed (or passed while waiting for room), or
+            the service-time estimate says the request cannot finish by then.
         BatcherClosed
             The batcher no longer accepts requests.
         """
@@ -339,6 +386,12 @@ class DynamicBatcher:
                 if deadline is not None and now >= deadline:
                     self.counters.deadline_missed += 1
                     raise DeadlineExceeded("the request's deadline passed before it was queued")
+                est = None if deadline is None else self.service_time.estimate(req.size)
+                if est is not None and now + est > deadline:
+                    self.counters.deadline_missed += 1
+                    raise DeadlineExceeded(
+                        f"the request cannot finish before its deadline: {req.size} samples "
+                        f"take about {est * 1e3:.3g} ms, {(deadline - now) * 1e3:.3g} ms are left")
                 fits = self._queued_requests < cfg.max_queue_requests and (
                     self._queued_samples + req.size <= cfg.max_queue_samples
                     or self._queued_requests == 0)
@@ -510,8 +563,11 @@ class DynamicBatcher:
             now = time.monotonic()
             live: list[_Request] = []
             late: list[_Request] = []
+            with self._cv:
+                est = self.service_time.estimate(sum(r.size for r in batch))
+            end = now + (est or 0.0)  # when the batch would end, by the estimate
             for r in batch:
-                if r.deadline is not None and now >= r.deadline:
+                if r.deadline is not None and end >= r.deadline:
                     late.append(r)
                 elif r.future.set_running_or_notify_cancel():
                     live.append(r)
@@ -524,7 +580,8 @@ class DynamicBatcher:
                 with self._cv:
                     self.counters.deadline_missed += len(late)
                 self._fail(late, DeadlineExceeded,
-                           "the request's deadline passed before it could run", "deadline")
+                           "the request's deadline passed, or would by the end of its batch "
+                           "(service-time estimate), before it could run", "deadline")
             for group in upcoming:
                 try:
                     self.session.prefetch(concat_features([r.sparse for r in group]))
@@ -562,6 +619,7 @@ class DynamicBatcher:
         t1 = time.monotonic()
         n = int(preds.shape[0])
         with self._cv:
+            self.service_time.observe(n, t1 - t0)
             self.counters.batches += 1
             self.counters.samples += n
         if self._on_batch is not None:
@@ -573,6 +631,12 @@ class DynamicBatcher:
 
     def _finish(self, r: _Request, preds: np.ndarray | None, exc: BaseException | None) -> None:
         r.state = _DONE
+        now = time.monotonic()
+        late = exc is None and r.deadline is not None and now > r.deadline
+        if late:  # an answer after the deadline is an error, not a success
+            exc = DeadlineExceeded(
+                f"the request finished {(now - r.deadline) * 1e3:.3g} ms after its deadline "
+                f"(its result was discarded)")
         if exc is None:
             r.future.set_result(preds)  # type: ignore[arg-type]
         else:
@@ -580,10 +644,13 @@ class DynamicBatcher:
         with self._cv:
             if exc is None:
                 self.counters.completed += 1
+            elif late:
+                self.counters.deadline_missed += 1
             else:
                 self.counters.failed += 1
         if self._on_done is not None:
-            self._on_done("ok" if exc is None else "error", time.monotonic() - r.t_submit)
+            self._on_done("ok" if exc is None else "deadline" if late else "error",
+                          now - r.t_submit)
 
     # -- shutdown -----------------------------------------------------------------
     def close(self, drain: bool = True, timeout: float | None = None) -> bool:

@@ -258,6 +258,59 @@ def test_deadlines_fail_fast(session):
         np.testing.assert_allclose(rt.predict(*reqs[1]), session.predict(*reqs[1]), **TOL)
 
 
+def test_deadline_covers_the_whole_request(session):
+    """A deadline bounds the answer, not the start: late answers fail, hopeless ones are refused."""
+    big = make_request(np.random.default_rng(40), 8192)
+    # no estimate yet (nothing ran): a 0.5 ms deadline on 8192 samples starts, then ends late
+    with ServingRuntime(session, ServingConfig(warmup=False)) as rt:
+        assert rt.batcher.service_time.estimate(1) is None
+        with pytest.raises(DeadlineExceeded, match="deadline"):
+            rt.predict(*big, deadline_ms=0.5)
+        assert rt.metrics()["requests"]["deadline_missed"] == 1
+        assert rt.metrics()["requests"]["completed"] == 0
+        # a generous deadline is met, with the answer of a plain predict
+        np.testing.assert_allclose(rt.predict(*big, deadline_ms=60_000), session.predict(*big),
+                                   **TOL)
+        est = rt.batcher.service_time.estimate(8192)
+        assert est is not None and est > 0
+        # now the estimate refuses, at submit, a request that cannot finish in time
+        batches = rt.metrics()["batches"]
+        with pytest.raises(DeadlineExceeded, match="cannot finish before its deadline"):
+            rt.submit(*big, deadline_ms=est * 1e3 / 4)
+        m = rt.metrics()
+        assert m["batches"] == batches and m["requests"]["deadline_missed"] == 2
+        assert m["requests"]["completed"] == 1
+
+
+def test_answer_after_the_deadline_is_discarded(session):
+    gated = Gated(session)
+    req = requests(1, seed=41)[0]
+    with ServingRuntime(gated, ServingConfig(max_delay_ms=0, warmup=False)) as rt:
+        fut = rt.submit(*req, deadline_ms=300)
+        assert gated.entered.wait(10)  # it started well in time...
+        time.sleep(0.4)
+        gated.gate.set()  # ...and ends after its deadline
+        with pytest.raises(DeadlineExceeded, match="after its deadline"):
+            fut.result(10)
+        m = rt.metrics()["requests"]
+        assert (m["deadline_missed"], m["completed"], m["failed"]) == (1, 0, 0)
+        assert rt.metrics()["latency_seconds"]["count"] == 0  # not a success
+
+
+def test_service_time_fit_recovers_a_line():
+    from runtime.batcher import ServiceTime
+
+    st_ = ServiceTime()
+    assert st_.estimate(10) is None
+    for n in (10, 200, 50, 1000, 10, 400):
+        st_.observe(n, 0.002 + 1e-5 * n)
+    fixed, per_sample = st_.fit()
+    assert fixed == pytest.approx(0.002) and per_sample == pytest.approx(1e-5)
+    one = ServiceTime()
+    one.observe(100, 0.01)
+    assert one.estimate(300) == pytest.approx(0.03)  # one size only: proportional
+
+
 def test_workers_match_sequential(model):
     """Two workers run batches side by side: the answers are those of sequential calls."""
     with InferenceSession.open(*model, RuntimeConfig(num_threads=1)) as sess:

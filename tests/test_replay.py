@@ -233,8 +233,183 @@ def test_ids_beyond_the_store(env, tmp_path):
     big = GeneratorConfig(table_rows=(30000, 410, 6000, 70), keys=env["names"], batch_size=64,
                           n_batches=3, alpha=0.2, seed=1)
     write_trace(tmp_path / "t", generate(big))
-    with pytest.raises(InvalidBatchError, match="emb_l.0"):
+    # checked before anything runs: the table, the max id (of the first offending batch,
+    # found here independently) and the store's rows
+    first = next(iter(open_trace(tmp_path / "t"))).sparse
+    s, e = first.table_range(0)
+    mx = int(first.values[s:e].max())
+    with pytest.raises(ConfigError, match=rf"emb_l.0 has ids up to {mx} \(batch 0\).*"
+                                          r"has 3000 rows.*--for-store"):
         replay(env["store"], tmp_path / "t", tier="dram", progress=False)
+
+
+def test_declared_rows_beyond_the_store_but_ids_within(env, tmp_path):
+    """Metadata rows larger than the store's only cost a pass: ids that fit replay."""
+    write_trace(tmp_path / "t", env["batches"][:4], rows=[r * 10 for r in ROWS])
+    rep = replay(env["store"], tmp_path / "t", tier="dram", progress=False)
+    assert rep["batches"] == 4 - 1 and not rep["interrupted"]
+
+
+def test_table_mismatch_names_both_ways_out(env, tmp_path):
+    keys = tuple(f"C{i + 1}" for i in range(len(ROWS)))
+    write_trace(tmp_path / "t", [TraceBatch(None, type(b.sparse)(keys, b.sparse.values,
+                                                                   b.sparse.offsets), None)
+                                 for b in env["batches"][:2]])
+    with pytest.raises(ConfigError) as e:
+        replay(env["store"], tmp_path / "t", tier="dram", progress=False)
+    msg = str(e.value)
+    assert "--table-map" in msg and "--for-store" in msg
+    assert "trace tables: C1, C2, C3, C4" in msg and "store tables: emb_l.0, emb_l.1" in msg
+    from traces.tuning import table_mismatch
+
+    long = table_mismatch([f"C{i}" for i in range(26)], [f"e{i}" for i in range(26)],
+                          [f"C{i}" for i in range(26)])
+    assert "C0, C1, C2, C3, ..., C24, C25 (26)" in long and "C10" not in long
+
+
+def test_for_store_trace_replays_and_tunes(env, tmp_path, capsys):
+    """trace-generate --for-store: the store's names and rows; replay and tune take it."""
+    from tiermem.format import open_store
+    from traces.replay_cli import main
+
+    out = tmp_path / "t"
+    assert main(["trace-generate", str(out), "--for-store", str(env["store"]), "--batches",
+                 "6", "--batch-size", "128", "--pooling", "uniform:1:3", "-q"]) == 0
+    tr = open_trace(out)
+    info = open_store(env["store"])
+    assert tr.keys == tuple(info.names) and tr.rows == tuple(t.spec.rows for t in info.tables)
+    for b in tr:
+        b.sparse.validate_ids(tr.rows)
+        assert b.sparse.lengths.max() == 3
+    capsys.readouterr()
+    assert main(["replay", "--store", str(env["store"]), "--trace", str(out), "--tier",
+                 "dram", "--cache-size", "5%", "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["batches"] == 6 - 1
+    assert main(["trace-generate", str(tmp_path / "u"), "--for-store", str(env["store"]),
+                 "--tables", "criteo_kaggle"]) == 2
+    assert "--tables or --for-store" in capsys.readouterr().err
+
+
+def test_tune_table_map_and_store_rows(env, tmp_path, capsys):
+    from traces.replay_cli import main
+
+    keys = tuple(f"x{i}" for i in range(len(ROWS)))
+    write_trace(tmp_path / "t", [TraceBatch(None, type(b.sparse)(keys, b.sparse.values,
+                                                                   b.sparse.offsets), None)
+                                 for b in env["batches"]])
+    base = ["tune", "--trace", str(tmp_path / "t"), "--store", str(env["store"]),
+            "--policies", "lru", "--sizes", "5%", "--no-opt", "--json", "-q"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "--table-map" in err and "--for-store" in err and "x0" in err
+    tm = ",".join(f"x{i}={n}" for i, n in enumerate(env["names"]))
+    assert main([*base, "--table-map", tm]) == 0
+    got = json.loads(capsys.readouterr().out)["results"][0]
+    ref = replay(env["store"], env["trace"], tier="dram", policy="lru", cache_size="5%",
+                 progress=False)
+    assert (got["hits"], got["misses"]) == (ref["cache"]["hits"], ref["cache"]["misses"])
+
+
+def _pool_reference(env, ahead):
+    """Replay with prefetch by hand, the prefetch of every submitted batch done before the
+    next batch runs: what the deterministic (sync) replay must count."""
+    from tiermem.cache.cache import CachedTier
+    from tiermem.format import open_store
+    from tiermem.kernels.dedupe import dedupe_first
+    from tiermem.tiers import open_tier
+    from traces.tuning import cache_config
+
+    info = open_store(env["store"])
+    tier = CachedTier(open_tier(info, TierConfig(kind="ssd", io_threads=4)),
+                      cache_config("lru", "5%"))
+    try:
+        sfs = [b.sparse for b in env["batches"]]
+        warm = 1
+        for sf in sfs[:warm]:
+            tier.pool(sf)
+        before = sum(t.cache_hits for t in tier.stats.tables.values())
+        meas = sfs[warm:]
+        for i, sf in enumerate(meas):
+            # replay keeps the batch running plus `ahead` more in its window, and submits
+            # each batch as it enters: before batch 0 runs, batches 1..ahead+1 were
+            todo = meas[1:2 + ahead] if i == 0 else meas[i + 1 + ahead:i + 2 + ahead]
+            for nxt in todo:
+                for key, gids in tier.global_ids(nxt).items():
+                    tier.prefetch_rows(key, dedupe_first(gids)[0])
+            tier.pool(sf)
+        return sum(t.cache_hits for t in tier.stats.tables.values()) - before
+    finally:
+        tier.close()
+
+
+def test_prefetch_replay_is_deterministic(env):
+    runs = [replay(env["store"], env["trace"], tier="ssd", policy="lru", cache_size="5%",
+                   prefetch_lookahead=2, io_threads=4, progress=False) for _ in range(3)]
+    assert {r["cache"]["hits"] for r in runs} == {_pool_reference(env, 2)}
+    assert runs[0]["prefetch"]["mode"] == "sync" and runs[0]["prefetch"]["issued"] > 0
+    fast = replay(env["store"], env["trace"], tier="ssd", policy="lru", cache_size="5%",
+                  prefetch_lookahead=2, io_threads=4, progress=False, prefetch_async=True)
+    assert fast["prefetch"]["mode"] == "async"
+
+
+def test_ctrl_c_writes_a_partial_report(env, tmp_path, python, subprocess_env, repo_root):
+    """A real SIGINT while the replay waits on batch 8 (a FIFO): exit 130, report marked."""
+    import os
+    import signal
+    import shutil
+
+    tr = tmp_path / "t"
+    shutil.copytree(env["trace"], tr)
+    fifo = tr / "batches" / "000008.npz"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    p = subprocess.Popen([python, "-m", "traces.replay_cli", "replay", "--store",
+                          str(env["store"]), "--trace", str(tr), "--tier", "dram",
+                          "--cache-size", "5%", "--report", str(tmp_path / "r.json")],
+                         cwd=repo_root, env=subprocess_env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        with open(fifo, "wb"):  # blocks until the replay opens batch 8
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["interrupted"] is True and "INTERRUPTED" in out
+    # batches 1..6 ran (0 warms up; 7 waited in the window when batch 8 was read)
+    assert rep["batches"] == 6 and rep["samples"] == 6 * 64
+
+
+def test_meta_files_replay_without_profile_batches(env, tmp_path, capsys):
+    """Meta .pt.gz files: one batch per file, so the trace's length is known."""
+    import gzip
+
+    import torch
+
+    from traces.replay_cli import main
+
+    paths = []
+    for i, b in enumerate(env["batches"]):
+        sf = b.sparse
+        lengths = torch.from_numpy(sf.lengths.reshape(len(ROWS), sf.batch_size).copy())
+        obj = (torch.from_numpy(sf.values.copy()), torch.from_numpy(sf.offsets.copy()), lengths)
+        paths.append(tmp_path / f"f{i:02d}.pt.gz")
+        with gzip.open(paths[-1], "wb") as f:
+            torch.save(obj, f)
+    tm = ",".join(f"t{i}={n}" for i, n in enumerate(env["names"]))
+    argv = ["replay", "--store", str(env["store"]), "--trace", *map(str, paths),
+            "--tier", "dram", "--cache-size", "5%", "--table-map", tm, "--json", "-q"]
+    assert main(argv) == 0
+    rep = json.loads(capsys.readouterr().out)
+    ref = replay(env["store"], env["trace"], tier="dram", policy="lru", cache_size="5%",
+                 progress=False)
+    assert rep["profile_batches"] == 1 == ref["profile_batches"]
+    assert rep["cache"]["hits"] == ref["cache"]["hits"]
+    # re-cut into other batches, the length is unknown: one batch warms up
+    assert main([*argv, "--batch-size", "100"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["profile_batches"] == 1 and rep["samples"] == 64 * N_BATCHES - 100
 
 
 # -- CLI -------------------------------------------------------------------------------

@@ -146,7 +146,8 @@ def test_bad_inputs(batches):
         simulate(batches, ROWS, ["lru"], [10**6])
     with pytest.raises(ConfigError, match="admission"):
         simulate(batches, ROWS, ["lru"], ["1%"], admission="bloom")
-    with pytest.raises(ConfigError, match=r"trace table\(s\) \['c'\].*cache/store tables"):
+    with pytest.raises(ConfigError, match=r"1 of the trace's 3 tables.*first: c\).*store "
+                                          r"tables: a, b.*--table-map"):
         simulate(batches, {"a": 3000, "b": 400}, ["lru"], ["1%"])
     with pytest.raises(ConfigError, match="nothing to measure"):
         simulate(batches, ROWS, ["lru"], ["1%"], profile_batches=12)
@@ -240,7 +241,7 @@ def test_cli_tune(native, tmp_path, capsys):
 
     rc = main(["tune", "--trace", str(native), "--policies", "lru,s3fifo,static,hybrid",
                "--sizes", "1%,5%,20%", "--admission", "none,tinylfu", "--target-hit-rate",
-               "0.2", "--json", str(tmp_path / "t.json"), "--plot", str(tmp_path / "m.png"),
+               "0.2", "--out", str(tmp_path / "t.json"), "--plot", str(tmp_path / "m.png"),
                "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0 and "recommendation" in out and "s3fifo+tinylfu" in out
@@ -273,3 +274,59 @@ def test_cli_tune_help_subprocess(python, subprocess_env, repo_root):
     p = subprocess.run([python, "-m", "traces.replay_cli", "tune", "--help"], cwd=repo_root,
                        env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--target-hit-rate" in p.stdout and "--plot" in p.stdout
+
+
+def test_cli_tune_json_is_a_flag(native, tmp_path, capsys):
+    """--json prints JSON to stdout (as replay and trace-stats), --out FILE writes it."""
+    from traces.replay_cli import main
+
+    base = ["tune", "--trace", str(native), "--policies", "lru", "--sizes", "5%", "-q"]
+    assert main([*base, "--json", "--out", str(tmp_path / "t.json")]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out) == json.loads((tmp_path / "t.json").read_text())
+    with pytest.raises(SystemExit) as e:  # the old `--json FILE`
+        main([*base, "--json", str(tmp_path / "old.json")])
+    assert e.value.code == 2 and not (tmp_path / "old.json").exists()
+
+
+def test_cli_tune_byte_sizes_need_row_bytes(native, capsys):
+    from traces.replay_cli import main
+
+    base = ["tune", "--trace", str(native), "--policies", "lru", "--sizes", "256KiB", "-q"]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "'256KiB' is in bytes" in err and "--store" in err and "--row-bytes" in err
+    assert main([*base, "--row-bytes", "64", "--json", "--no-opt"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["capacities"]["256KiB"] == 2**18 // 64
+    with pytest.raises(ConfigError, match="row-bytes"):
+        simulate(_trace(4), None, ["lru"], ["1MiB"])
+
+
+def test_tune_progress_counts_runs():
+    from traces.tuning import _bar
+
+    bar = _bar(False, "simulate policy x size", total=3, unit="run")
+    assert bar.unit == "run"
+    bar.close()
+
+
+def test_mrc_axes_use_the_given_unit(results):
+    from traces.tuning import _mrc_figure
+
+    fig = _mrc_figure(results, target_hit_rate=0.6, name="tr")
+    ax = fig.axes[0]
+    assert "%" in ax.get_xlabel()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1%", "2%", "5%", "20%"]
+    assert list(ax.get_xticks()) == [1.0, 2.0, 5.0, 20.0]
+    assert ax.get_xaxis().get_minor_locator().tick_values(1, 20).size == 0
+    assert "tr" in ax.get_title()
+    target = [ln for ln in ax.get_lines() if "target" in ln.get_label()]
+    assert len(target) == 1 and np.allclose(target[0].get_ydata(), 0.4)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    rows = simulate(_trace(4), ROWS, ["lru"], ["100", "400"], opt=False)
+    fig = _mrc_figure(rows)
+    assert fig.axes[0].get_xlabel() == "cache size (rows)"
+    plt.close(fig)

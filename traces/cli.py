@@ -28,7 +28,31 @@ from typing import Any
 from runtime.argtypes import positive_int as _pos_int
 from tiermem.errors import ConfigError
 
-__all__ = ["TRACE_COMMANDS", "add_trace_commands", "main"]
+__all__ = ["TRACE_COMMANDS", "add_progress_args", "add_trace_commands", "main", "show_progress"]
+
+
+def add_progress_args(p: argparse.ArgumentParser) -> None:
+    """``--quiet`` (and the older ``--no-progress``): no progress bar, no notes on stderr."""
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress bar and no status lines on stderr (a progress bar is "
+                        "only ever drawn when stderr is a terminal)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """A progress bar only on a terminal: a pipe or a log file gets no bar characters."""
+    if getattr(args, "quiet", False) or getattr(args, "no_progress", False):
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # a closed or replaced stderr
+        return False
+
+
+def note(args: argparse.Namespace, msg: str) -> None:
+    """A status line on stderr, unless ``--quiet``."""
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr)
 
 
 def _int_list(s: str) -> list[int]:
@@ -102,7 +126,7 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
 
     src = _open_source(args, args.trace)
     target = meta_target(args.target) if args.target else None
-    st = analyze(src, max_batches=args.max_batches)
+    st = analyze(src, max_batches=args.max_batches, progress=show_progress(args))
     if args.json:
         d = st.to_dict()
         if target is not None:
@@ -115,26 +139,42 @@ def cmd_trace_stats(args: argparse.Namespace) -> int:
         print(f"skipped {src.skipped} malformed records; first: {src.skip_reasons[0]}",
               file=sys.stderr)
     if args.plots:
-        for p in plot_stats(st, args.plots, target=target):
-            print(f"wrote {p}", file=sys.stderr)
+        name = Path(args.trace[0]).name if len(args.trace) == 1 else f"{len(args.trace)} files"
+        for p in plot_stats(st, args.plots, target=target, name=name,
+                            target_name=args.target):
+            note(args, f"wrote {p}")
     return 0
 
 
 def cmd_trace_generate(args: argparse.Namespace) -> int:
     from traces.formats import convert_trace
-    from traces.synth import GeneratorConfig, SyntheticTrace, calibrate
+    from traces.synth import GeneratorConfig, SyntheticTrace, calibrate, format_calibration
 
-    cfg = GeneratorConfig.from_preset(
-        args.tables, pooling=args.pooling, batch_size=args.batch_size,
-        n_batches=args.batches, alpha=args.alpha, alpha_spread=args.alpha_spread,
-        active_fraction=args.active_fraction, locality=args.locality,
-        locality_window=args.locality_window, drift=args.drift, seed=args.seed)
+    shape = dict(pooling=args.pooling, batch_size=args.batch_size,
+                 n_batches=args.batches, alpha=args.alpha, alpha_spread=args.alpha_spread,
+                 active_fraction=args.active_fraction, locality=args.locality,
+                 locality_window=args.locality_window, drift=args.drift, seed=args.seed)
     attrs: dict[str, Any] = {}
+    if args.for_store:
+        if args.tables is not None:
+            raise ConfigError("give --tables or --for-store, not both (--for-store takes the "
+                              "store's table names and rows)")
+        from tiermem.format import open_store
+
+        if not Path(args.for_store).exists():
+            raise ConfigError(f"--for-store: store {args.for_store} does not exist")
+        info = open_store(args.for_store)
+        cfg = GeneratorConfig.for_tables(info.names, [t.spec.rows for t in info.tables],
+                                         **shape)
+        attrs["for_store"] = str(args.for_store)
+    else:
+        cfg = GeneratorConfig.from_preset(args.tables or "criteo_kaggle", **shape)
     if args.calibrate_to:
         t0 = time.perf_counter()
         res = calibrate(args.calibrate_to, cfg, n_batches=args.calibrate_batches)
         cfg = res.config
         attrs["calibration"] = {"target": str(args.calibrate_to), **res.to_dict()}
+        print(format_calibration(res, args.calibrate_to))
         print(f"calibrated to {args.calibrate_to} in {time.perf_counter() - t0:.1f} s "
               f"({res.evaluations} evaluations): alpha {res.config.alpha:.3f}, alpha_spread "
               f"{res.config.alpha_spread:.2f}, active_fraction {res.config.active_fraction:.4g}; "
@@ -142,7 +182,7 @@ def cmd_trace_generate(args: argparse.Namespace) -> int:
               f"{res.baseline_distance:.4f})")
     attrs["generator"] = cfg.to_dict()
     out = convert_trace(SyntheticTrace(cfg), args.out, overwrite=args.overwrite,
-                        compress=args.compress, attrs=attrs)
+                        compress=args.compress, attrs=attrs, progress=show_progress(args))
     print(f"wrote {out}: {cfg.n_batches} batches of {cfg.batch_size} samples, "
           f"{len(cfg.table_rows)} tables")
     return 0
@@ -153,7 +193,8 @@ def cmd_trace_convert(args: argparse.Namespace) -> int:
 
     src = _open_source(args, args.inputs)
     out = convert_trace(src, args.out, overwrite=args.overwrite, compress=args.compress,
-                        attrs={"inputs": [str(p) for p in args.inputs]})
+                        attrs={"inputs": [str(p) for p in args.inputs]},
+                        progress=show_progress(args))
     msg = f"wrote {out}"
     if getattr(src, "skipped", 0):
         msg += f" (skipped {src.skipped} malformed records; first: {src.skip_reasons[0]})"
@@ -179,6 +220,7 @@ def add_trace_commands(subparsers: Any) -> None:
     s.add_argument("--target", default=None, metavar="meta2021|meta2022|PATH",
                    help="compare the reuse histogram with Meta's (or a locality_stats file)")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_progress_args(s)
     s.set_defaults(handler=cmd_trace_stats)
 
     g = subparsers.add_parser(
@@ -187,9 +229,12 @@ def add_trace_commands(subparsers: Any) -> None:
                     "distributions, temporal locality and drift; optionally calibrated to a "
                     "target reuse histogram.")
     g.add_argument("out", help="output trace directory")
-    g.add_argument("--tables", default="criteo_kaggle",
+    g.add_argument("--tables", default=None,
                    help="preset (criteo_kaggle, criteo_terabyte, dlrmv2, criteo_terabyte_40m, "
                         "criteo_terabyte_10m) or rows 'r0,r1,...' (default criteo_kaggle)")
+    g.add_argument("--for-store", default=None, metavar="STORE",
+                   help="the store's table names and rows instead of --tables, so that the "
+                        "trace replays on that store (ids stay below each table's rows)")
     g.add_argument("--batch-size", type=_pos_int, default=2048)
     g.add_argument("--batches", type=_pos_int, default=10)
     g.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent (default 1.05)")
@@ -214,6 +259,7 @@ def add_trace_commands(subparsers: Any) -> None:
                    help="batches per calibration evaluation (default 1)")
     g.add_argument("--overwrite", action="store_true")
     g.add_argument("--compress", action="store_true", help="deflate the batch files")
+    add_progress_args(g)
     g.set_defaults(handler=cmd_trace_generate)
 
     c = subparsers.add_parser(
@@ -224,6 +270,7 @@ def add_trace_commands(subparsers: Any) -> None:
     _add_source_args(c)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--compress", action="store_true", help="deflate the batch files")
+    add_progress_args(c)
     c.set_defaults(handler=cmd_trace_convert)
 
 

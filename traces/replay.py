@@ -69,9 +69,14 @@ from traces.tuning import (
     DEFAULT_PINNED_FRACTION,
     cache_config,
     default_profile_batches,
+    table_mismatch,
 )
 
-__all__ = ["replay", "write_json_atomic"]
+__all__ = ["check_trace_rows", "replay", "write_json_atomic"]
+
+UNKNOWN_LENGTH_PROFILE_BATCHES = 1
+"""Warm-up batches of a trace whose length is unknown up front (a re-batched Meta trace,
+Criteo TSV): 10 % of an unknown count cannot be taken, so one batch warms up."""
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
@@ -161,16 +166,13 @@ class _Renamer:
             return self._new
         bad_map = [k for k in self.map if k not in keys]
         if bad_map:
-            raise ConfigError(f"table map names trace table(s) {bad_map} that the trace lacks; "
-                              f"trace tables: {list(keys)[:16]}")
+            raise ConfigError(f"--table-map names trace table(s) {bad_map[:8]} that the trace "
+                              f"lacks; trace tables: {list(keys)[:16]}")
         new = tuple(self.map.get(k, k) for k in keys)
         missing = [f"{k}" + (f" (-> {n})" if n != k else "")
                    for k, n in zip(keys, new, strict=True) if n not in self.store]
         if missing:
-            raise ConfigError(
-                f"trace table(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} are not in "
-                f"the store; trace tables: {list(keys)[:16]}; store tables: {self.store[:16]} "
-                "(map them with a table map: trace_name=store_name)")
+            raise ConfigError(table_mismatch(keys, self.store, missing))
         if len(set(new)) != len(new):
             raise ConfigError(f"the table map sends two trace tables to one store table: {new}")
         self._last, self._new = keys, new
@@ -181,6 +183,51 @@ class _Renamer:
         if new == sf.keys:
             return sf
         return SparseFeatures(new, sf.values, sf.offsets, sf.weights)
+
+
+def check_trace_rows(trace: Any, rename: Any, store_rows: Mapping[str, int]) -> None:
+    """Ids of the trace beyond the store's tables, found before anything runs.
+
+    The trace's metadata (``rows``: declared, or max id + 1) settles it when it
+    fits the store; otherwise (larger, or unknown) one vectorized pass over a
+    re-readable trace finds the first table whose max id the store lacks.
+    ``rename``: trace keys -> store names (a ``_Renamer``, or a mapping).
+    A one-shot stream is left to the per-batch check.
+    """
+    keys = getattr(trace, "keys", None)
+    if keys is None:
+        return
+    keys = tuple(keys)
+    names = rename.check(keys) if hasattr(rename, "check") else tuple(
+        dict(rename or {}).get(k, k) for k in keys)
+    try:
+        rows = getattr(trace, "rows", None)
+    except Exception:  # a reader that cannot know its rows cheaply
+        rows = None
+    if rows is not None and all(int(r) <= store_rows[n] for r, n in zip(rows, names,
+                                                                          strict=True)):
+        return
+    if not _reiterable(trace):
+        return
+    cap = np.asarray([store_rows[n] for n in names], np.int64)
+    for i, b in enumerate(trace):
+        sf = _unpack(b)[1]
+        if sf.keys != keys:
+            return  # the per-batch check names this
+        ends = sf.offsets[np.arange(sf.num_tables + 1) * sf.batch_size]
+        nz = np.flatnonzero(ends[1:] > ends[:-1])
+        if not nz.size:
+            continue
+        mx = np.maximum.reduceat(sf.values, ends[:-1][nz])
+        bad = np.flatnonzero(mx >= cap[nz])
+        if bad.size:
+            t = int(nz[bad[0]])
+            raise ConfigError(
+                f"trace table {keys[t]}" + (f" (-> {names[t]})" if names[t] != keys[t] else "")
+                + f" has ids up to {int(mx[bad[0]])} (batch {i}), but the store's table "
+                f"{names[t]} has {int(cap[t])} rows; generate the trace for this store "
+                "(`tiermem trace-generate OUT --for-store STORE`) or replay on a store with "
+                "those rows")
 
 
 def _percentiles(lat_s: list[float]) -> dict[str, float]:
@@ -227,7 +274,8 @@ def replay(store: Any, trace: Any, *, tier: str = "ssd", policy: str | None = No
            max_batches: int | None = None, table_map: Mapping[str, str] | None = None,
            progress: bool = True, predictions_out: str | os.PathLike[str] | None = None,
            report_out: str | os.PathLike[str] | None = None,
-           tier_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+           tier_options: Mapping[str, Any] | None = None,
+           prefetch_async: bool = False) -> dict[str, Any]:
     """Run a trace through a tier (+ cache, prefetcher, model) and report the cost.
 
     Parameters
@@ -252,12 +300,18 @@ def replay(store: Any, trace: Any, *, tier: str = "ssd", policy: str | None = No
         hybrid: the dynamic policy.
     prefetch_lookahead : int
         Batches read ahead by the prefetcher (0: none; needs a cache).
+    prefetch_async : bool
+        Let the prefetcher's thread race the batches, as a server would. By
+        default (without a model) each batch waits until the prefetches
+        submitted before it are done, so hit rates are the same on every run;
+        racing, they vary with thread timing. With a model the pipeline's
+        threads race anyway (the report's ``prefetch.mode`` says which).
     io_threads, direct_io : SSD tier knobs.
     model : path, optional
         A DLRM checkpoint: run full predictions (pipelined) instead of pooling only.
     profile_batches : int, optional
         Profile/warm-up batches, not measured (default 10 % of the trace;
-        a trace of unknown length needs it, or ``max_batches``).
+        of a trace of unknown length, :data:`UNKNOWN_LENGTH_PROFILE_BATCHES`).
     max_batches : int, optional
         Batches of the trace to use, warm-up included.
     progress : bool
@@ -309,16 +363,15 @@ def replay(store: Any, trace: Any, *, tier: str = "ssd", policy: str | None = No
     tkeys = getattr(trace, "keys", None)
     if tkeys is not None:
         rename.check(tuple(tkeys))
+        check_trace_rows(trace, rename, {t.name: t.spec.rows for t in info.tables})
 
     # how many batches, and how many of them profile/warm up
     n_total = _length(trace)
     if max_batches is not None:
         n_total = max_batches if n_total is None else min(n_total, max_batches)
     if profile_batches is None:
-        if n_total is None:
-            raise ConfigError("the trace's length is unknown: give profile_batches "
-                              "(--profile-batches) or max_batches")
-        profile_batches = default_profile_batches(n_total)
+        profile_batches = (UNKNOWN_LENGTH_PROFILE_BATCHES if n_total is None
+                           else default_profile_batches(n_total))
     n_warm = profile_batches if n_total is None else min(profile_batches, n_total)
     if n_total is not None and n_total - n_warm < 1:
         raise ConfigError(f"nothing to measure: {n_total} batch(es), {n_warm} of them "
@@ -388,7 +441,8 @@ def replay(store: Any, trace: Any, *, tier: str = "ssd", policy: str | None = No
                     n_warm=n_warm, max_batches=max_batches, pinned=pinned, cache=cache,
                     kind=kind, tcfg=tcfg, model=model, prefetch_lookahead=prefetch_lookahead,
                     progress=progress, predictions_out=predictions_out, report_out=report_out,
-                    n_total=n_total, open_seconds=open_seconds)
+                    n_total=n_total, open_seconds=open_seconds,
+                    prefetch_sync=not prefetch_async)
     finally:
         if sess is not None:
             sess.close()
@@ -421,7 +475,8 @@ def _run(info: Any, trace: Any, trace_path: str | None, source: Iterable[Any], t
          sess: Any, prefetcher: Any, rename: _Renamer, *, n_warm: int, max_batches: int | None,
          pinned: int, cache: Any, kind: TierKind, tcfg: TierConfig, model: Any,
          prefetch_lookahead: int, progress: bool, predictions_out: Any, report_out: Any,
-         n_total: int | None, open_seconds: float) -> dict[str, Any]:
+         n_total: int | None, open_seconds: float, prefetch_sync: bool = True
+         ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     it = iter(source)
@@ -457,65 +512,73 @@ def _run(info: Any, trace: Any, trace_path: str | None, source: Iterable[Any], t
     preds: list[np.ndarray] = []
     dense_kind: str | None = None
     t_start = time.perf_counter()
-    if sess is None:
-        window: deque[SparseFeatures] = deque()
-        ahead = prefetch_lookahead
+    interrupted = False
+    sync = prefetch_sync and sess is None
+    try:
+        if sess is None:
+            window: deque[SparseFeatures] = deque()
+            ahead = prefetch_lookahead
 
-        def fill() -> None:
-            while len(window) < 1 + ahead:
-                x = pull()
-                if x is None:
-                    return
-                if prefetcher is not None and window:  # not the batch about to run
-                    prefetcher.submit(x[1])
-                window.append(x[1])
+            def fill() -> None:
+                while len(window) < 1 + ahead:
+                    x = pull()
+                    if x is None:
+                        return
+                    if prefetcher is not None and window:  # not the batch about to run
+                        prefetcher.submit(x[1])
+                    window.append(x[1])
 
-        fill()
-        while window:
-            sf = window.popleft()
             fill()
+            while window:
+                sf = window.popleft()
+                fill()
+                if sync and prefetcher is not None:
+                    # deterministic: what was submitted is in the cache before this batch
+                    prefetcher.drain()
+                t1 = time.perf_counter()
+                tier.pool(sf)
+                lat.append(time.perf_counter() - t1)
+                samples += sf.batch_size
+                lookups += int(sf.values.size)
+                bar.update(1)
+        else:
+            num_dense = sess.dense.config.num_dense
+            sizes: deque[tuple[int, int]] = deque()
+
+            def feed() -> Iterator[tuple[Any, SparseFeatures]]:
+                nonlocal dense_kind
+                while True:
+                    x = pull()
+                    if x is None:
+                        return
+                    dense, sf = x
+                    if dense is None:
+                        dense = np.zeros((sf.batch_size, num_dense), np.float32)
+                        dense_kind = "zeros" if dense_kind in (None, "zeros") else "mixed"
+                    else:
+                        dense_kind = "trace" if dense_kind in (None, "trace") else "mixed"
+                    sizes.append((sf.batch_size, int(sf.values.size)))
+                    yield dense, sf
+
             t1 = time.perf_counter()
-            tier.pool(sf)
-            lat.append(time.perf_counter() - t1)
-            samples += sf.batch_size
-            lookups += int(sf.values.size)
-            bar.update(1)
-    else:
-        num_dense = sess.dense.config.num_dense
-        sizes: deque[tuple[int, int]] = deque()
-
-        def feed() -> Iterator[tuple[Any, SparseFeatures]]:
-            nonlocal dense_kind
-            while True:
-                x = pull()
-                if x is None:
-                    return
-                dense, sf = x
-                if dense is None:
-                    dense = np.zeros((sf.batch_size, num_dense), np.float32)
-                    dense_kind = "zeros" if dense_kind in (None, "zeros") else "mixed"
-                else:
-                    dense_kind = "trace" if dense_kind in (None, "trace") else "mixed"
-                sizes.append((sf.batch_size, int(sf.values.size)))
-                yield dense, sf
-
-        t1 = time.perf_counter()
-        for p in sess.predict_stream(feed(), pipeline=True):
-            now = time.perf_counter()
-            lat.append(now - t1)
-            t1 = now
-            b, n = sizes.popleft()
-            samples += b
-            lookups += n
-            if predictions_out is not None:
-                preds.append(p)
-            bar.update(1)
+            for p in sess.predict_stream(feed(), pipeline=True):
+                now = time.perf_counter()
+                lat.append(now - t1)
+                t1 = now
+                b, n = sizes.popleft()
+                samples += b
+                lookups += n
+                if predictions_out is not None:
+                    preds.append(p)
+                bar.update(1)
+    except KeyboardInterrupt:  # Ctrl-C: report the batches done so far
+        interrupted = True
     if prefetcher is not None:
         prefetcher.drain(timeout=60)
     seconds = time.perf_counter() - t_start
     bar.close()
     batches = len(lat)
-    if batches == 0:
+    if batches == 0 and not interrupted:
         raise ConfigError(f"nothing to measure: the trace has {count[0]} batch(es) and "
                           f"{n_warm} are used as the profile/warm-up")
 
@@ -523,6 +586,9 @@ def _run(info: Any, trace: Any, trace_path: str | None, source: Iterable[Any], t
     rep = _report(info, trace, trace_path, tier, per, cache, kind, tcfg, model, batches, samples,
                   lookups, seconds, lat, n_warm, warm_seconds, open_seconds, pinned,
                   prefetch_lookahead, prefetcher, cache_before, pf_before, dense_kind)
+    rep["interrupted"] = interrupted
+    if prefetcher is not None:
+        rep["prefetch"]["mode"] = "sync" if sync else "async"
     if predictions_out is not None:
         arr = np.concatenate(preds) if preds else np.zeros(0, np.float32)
         _save_npy_atomic(predictions_out, arr)

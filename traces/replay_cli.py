@@ -2,10 +2,12 @@
 
     tiermem replay --store S --trace T [--tier ssd] [--policy lru --cache-size 5%]
                    [--admission tinylfu] [--prefetch N] [--model CKPT --predictions P.npy]
-                   [--report R.json] [--max-batches N] [--profile-batches N] [--no-progress]
-    tiermem tune --trace T [--store S | --rows ...] --policies lru,lfu,clock,s3fifo,static,hybrid
+                   [--report R.json] [--max-batches N] [--profile-batches N] [--quiet]
+                   [--table-map TRACE=STORE,...] [--prefetch-async]
+    tiermem tune --trace T [--store S | --rows ... [--row-bytes N]] [--table-map ...]
+                 --policies lru,lfu,clock,s3fifo,static,hybrid
                  --sizes 1%,2%,5%,10%,20% [--admission none,tinylfu]
-                 [--target-hit-rate 0.8] [--json OUT] [--plot MRC.png]
+                 [--target-hit-rate 0.8] [--json] [--out OUT.json] [--plot MRC.png]
 
 Wiring (as :mod:`traces.cli`)::
 
@@ -27,7 +29,9 @@ from typing import Any
 
 from runtime.argtypes import nonneg_int as _nonneg_int
 from tiermem.errors import ConfigError
-from traces.cli import _add_source_args, _open_source, _pos_int
+from tiermem.features import SparseFeatures
+from traces.cli import _add_source_args, _open_source, _pos_int, add_progress_args, note, \
+    show_progress
 
 __all__ = ["REPLAY_COMMANDS", "add_replay_commands", "main"]
 
@@ -56,6 +60,37 @@ def _table_map(s: str | None) -> dict[str, str] | None:
     return out
 
 
+class _RenamedTrace:
+    """A trace whose table names go through ``--table-map`` (``tune`` on a store's names)."""
+
+    def __init__(self, trace: Any, table_map: dict[str, str]) -> None:
+        self.trace = trace
+        keys = tuple(trace.keys)
+        bad = [k for k in table_map if k not in keys]
+        if bad:
+            raise ConfigError(f"--table-map names trace table(s) {bad[:8]} that the trace "
+                              f"lacks; trace tables: {list(keys)[:16]}")
+        self.map = table_map
+        self.keys = tuple(table_map.get(k, k) for k in keys)
+        if len(set(self.keys)) != len(self.keys):
+            raise ConfigError(f"--table-map sends two trace tables to one table: {self.keys}")
+
+    @property
+    def rows(self) -> Any:
+        return self.trace.rows
+
+    def __len__(self) -> int:
+        return len(self.trace)
+
+    def __iter__(self) -> Any:
+        from traces.formats import TraceBatch
+
+        for b in self.trace:
+            d, sf, lab = b if isinstance(b, TraceBatch) else (None, b, None)
+            yield TraceBatch(d, SparseFeatures(self.keys, sf.values, sf.offsets, sf.weights)
+                             if sf.keys != self.keys else sf, lab)
+
+
 def _trace(args: argparse.Namespace) -> Any:
     paths = [args.trace] if isinstance(args.trace, str) else list(args.trace)
     for p in paths:
@@ -80,15 +115,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
                  prefetch_lookahead=args.prefetch, io_threads=args.io_threads,
                  direct_io=args.direct_io, model=args.model,
                  profile_batches=args.profile_batches, max_batches=args.max_batches,
-                 table_map=_table_map(args.table_map), progress=not args.no_progress,
+                 table_map=_table_map(args.table_map), progress=show_progress(args),
                  predictions_out=args.predictions, report_out=args.report,
-                 tier_options=tier_options)
+                 tier_options=tier_options, prefetch_async=args.prefetch_async)
     if args.json:
         print(json.dumps(rep, indent=1))
     else:
         print(format_report(rep))
     if args.report:
-        print(f"wrote {args.report}", file=sys.stderr)
+        note(args, f"wrote {args.report}")
+    if rep.get("interrupted"):
+        print(f"interrupted: the report covers the {rep['batches']} batches done",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -98,7 +137,8 @@ def format_report(rep: dict[str, Any]) -> str:
     lines = [f"{rep['batches']} batches ({rep['samples']} samples, {rep['lookups']} lookups) "
              f"in {rep['seconds']:.3f} s on {rep['tier']}"
              + (f" with model {rep['model']} (dense: {rep['dense']})" if rep["model"] else "")
-             + f"; {rep['profile_batches']} profile/warm-up batches not measured",
+             + f"; {rep['profile_batches']} profile/warm-up batches not measured"
+             + ("; INTERRUPTED" if rep.get("interrupted") else ""),
              f"throughput: {th['batches_per_s']:.1f} batches/s, {th['samples_per_s']:.0f} "
              f"samples/s, {th['lookups_per_s'] / 1e6:.2f} M lookups/s",
              f"batch latency ms: p50 {lat['p50']:.2f}  p95 {lat['p95']:.2f}  "
@@ -114,7 +154,7 @@ def format_report(rep: dict[str, Any]) -> str:
                  f"{cold['read_ops']} ops, device {cold['device_read_MBps']:.1f} MB/s")
     pf = rep.get("prefetch")
     if pf and pf.get("lookahead"):
-        lines.append(f"prefetch (lookahead {pf['lookahead']}): issued {pf['issued']}, useful "
+        lines.append(f"prefetch (lookahead {pf['lookahead']}, {pf.get('mode', 'async')}): issued {pf['issued']}, useful "
                      f"{pf['useful']}, late {pf['late']}, wasted {pf['wasted']}, dropped "
                      f"{pf['dropped']}")
     if c:
@@ -129,10 +169,25 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from traces.tuning import format_results, plot_mrc, recommend, simulate
 
     src = _trace(args)
+    tmap = _table_map(args.table_map)
+    if tmap:
+        src = _RenamedTrace(src, tmap)
     if args.store:
         if not Path(args.store).exists():
             raise ConfigError(f"store {args.store} does not exist")
-        layout: Any = args.store
+        if args.row_bytes is not None:
+            raise ConfigError("--row-bytes is for a trace without a store: --store gives "
+                              "the bytes per row")
+        from tiermem.format import open_store
+        from traces.replay import check_trace_rows
+        from traces.tuning import table_mismatch
+
+        info = open_store(args.store)
+        missing = [k for k in src.keys if k not in info.names]
+        if missing:
+            raise ConfigError(table_mismatch(src.keys, info.names, missing))
+        check_trace_rows(src, {}, {t.name: t.spec.rows for t in info.tables})
+        layout: Any = info
     else:
         layout = None  # the trace's rows (native: declared, or max id + 1)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -144,16 +199,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     res = simulate(src, layout, policies, sizes, admission=adm,
                    pinned_fraction=args.pinned_fraction, dynamic=args.dynamic,
                    profile_batches=args.profile_batches, max_batches=args.max_batches,
-                   opt=not args.no_opt, progress=not args.no_progress)
+                   opt=not args.no_opt, progress=show_progress(args), row_bytes=args.row_bytes)
     rec = recommend(res, args.target_hit_rate) if args.target_hit_rate is not None else None
-    print(format_results(res, rec))
+    d = res.to_dict()
+    d["recommendation"] = None if rec is None else rec.to_dict()
     if args.json:
-        d = res.to_dict()
-        d["recommendation"] = None if rec is None else rec.to_dict()
-        write_json_atomic(args.json, d)
-        print(f"wrote {args.json}", file=sys.stderr)
+        print(json.dumps(d, indent=1))
+    else:
+        print(format_results(res, rec))
+    if args.out:
+        write_json_atomic(args.out, d)
+        note(args, f"wrote {args.out}")
     if args.plot:
-        print(f"wrote {plot_mrc(res, args.plot)}", file=sys.stderr)
+        name = Path(args.trace[0]).name if len(args.trace) == 1 else f"{len(args.trace)} files"
+        png = plot_mrc(res, args.plot, target_hit_rate=args.target_hit_rate, name=name)
+        note(args, f"wrote {png}")
     return 0
 
 
@@ -161,7 +221,9 @@ REPLAY_COMMANDS = {"replay": cmd_replay, "tune": cmd_tune}
 
 _POLICIES = "lru, lfu, fifo, clock, s3fifo, static, hybrid"
 _PROFILE_HELP = ("batches at the start of the trace used as the static/hybrid popularity profile "
-                 "and as a warm-up for every policy; not measured (default: 10%% of the trace)")
+                 "and as a warm-up for every policy; not measured (default: 10%% of the trace; "
+                 "1 batch when its length is unknown up front, e.g. Meta files re-cut by "
+                 "--batch-size, Criteo TSV)")
 
 
 def add_replay_commands(subparsers: Any) -> None:
@@ -190,7 +252,12 @@ def add_replay_commands(subparsers: Any) -> None:
                    help="hybrid: share of the cache pinned from the profile (default 0.5)")
     g.add_argument("--dynamic", default="lru", help="hybrid: the dynamic policy (default lru)")
     g.add_argument("--prefetch", type=_nonneg_int, default=0, metavar="N",
-                   help="prefetch lookahead in batches (0 = off; needs a cache)")
+                   help="prefetch lookahead in batches (0 = off; needs a cache). Each batch "
+                        "waits for the prefetches submitted before it, so hit rates repeat "
+                        "exactly from run to run")
+    g.add_argument("--prefetch-async", action="store_true",
+                   help="let the prefetch thread race the batches as a server would: closer "
+                        "to serving latency, but hit rates then vary from run to run")
     g.add_argument("--io-threads", type=_pos_int, default=64,
                    help="SSD tier: parallel pread threads (default 64)")
     g.add_argument("--direct-io", action="store_true", help="SSD tier: O_DIRECT reads")
@@ -199,7 +266,8 @@ def add_replay_commands(subparsers: Any) -> None:
     g.add_argument("--cxl-bandwidth-gbps", type=float, default=32.0,
                    help="CXL tier: modeled bandwidth (GB/s)")
     g.add_argument("--table-map", default=None, metavar="TRACE=STORE,...",
-                   help="rename trace tables to store tables (default: same names)")
+                   help="rename trace tables to store tables (default: same names; "
+                        "`trace-generate --for-store` makes a trace with the store's names)")
     o = r.add_argument_group("model and output")
     o.add_argument("--model", default=None, metavar="CKPT",
                    help="DLRM checkpoint: run full predictions (zeros for dense features when "
@@ -211,7 +279,7 @@ def add_replay_commands(subparsers: Any) -> None:
     o.add_argument("--max-batches", type=_pos_int, default=None,
                    help="use the first N batches of the trace (profile included)")
     o.add_argument("--profile-batches", type=_nonneg_int, default=None, help=_PROFILE_HELP)
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_args(o)
     r.set_defaults(handler=cmd_replay)
 
     t = subparsers.add_parser(
@@ -226,12 +294,16 @@ def add_replay_commands(subparsers: Any) -> None:
     t.add_argument("--store", default=None,
                    help="size the cache pools like this store's (dtype, dim groups, row bytes); "
                         "default: one pool over the trace's tables")
+    t.add_argument("--row-bytes", type=_pos_int, default=None, metavar="N",
+                   help="without --store: bytes per cached row, for sizes in bytes ('256MiB')")
+    t.add_argument("--table-map", default=None, metavar="TRACE=STORE,...",
+                   help="rename trace tables to the store's (as replay --table-map)")
     t.add_argument("--policies", default="lru,lfu,clock,s3fifo,static,hybrid",
                    help=f"comma-separated: {_POLICIES} (default lru,lfu,clock,s3fifo,static,"
                         "hybrid)")
     t.add_argument("--sizes", default="1%,2%,5%,10%,20%",
-                   help="comma-separated: '5%%' of the rows, rows, or bytes with --store "
-                        "(default 1%%,2%%,5%%,10%%,20%%)")
+                   help="comma-separated: '5%%' of the rows, rows, or bytes ('256MiB', with "
+                        "--store or --row-bytes) (default 1%%,2%%,5%%,10%%,20%%)")
     t.add_argument("--admission", default=None, metavar="none,tinylfu",
                    help="admission variants to simulate, comma-separated (default none)")
     t.add_argument("--pinned-fraction", type=_fraction, default=0.5,
@@ -243,9 +315,13 @@ def add_replay_commands(subparsers: Any) -> None:
     t.add_argument("--target-hit-rate", type=_fraction, default=None,
                    help="recommend the smallest size at which a policy reaches this hit rate")
     t.add_argument("--no-opt", action="store_true", help="skip Belady's OPT")
-    t.add_argument("--json", default=None, metavar="OUT.json", help="write the results as JSON")
-    t.add_argument("--plot", default=None, metavar="OUT.png", help="write the miss-ratio curve")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--json", action="store_true",
+                   help="print the results as JSON instead of the table (as replay --json)")
+    t.add_argument("--out", default=None, metavar="OUT.json",
+                   help="also write the results as JSON to this file")
+    t.add_argument("--plot", default=None, metavar="OUT.png",
+                   help="write the miss-ratio curve (with the target, if given)")
+    add_progress_args(t)
     t.set_defaults(handler=cmd_tune)
 
 

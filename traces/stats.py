@@ -42,7 +42,9 @@ __all__ = [
     "meta_target",
     "parse_locality_stats",
     "plot_stats",
+    "reachable_bins",
     "reuse_histogram",
+    "short_bin_labels",
 ]
 
 #: Left edges of Meta's column-size bins; bin i is (edges[i], edges[i+1]], the last is open.
@@ -66,6 +68,29 @@ def bin_labels() -> list[str]:
     """``['(0, 1]', '(1, 2]', ..., '(32768+']`` as Meta prints them."""
     e = META_BIN_EDGES
     return [f"({e[i]}, {e[i + 1]}]" for i in range(len(e) - 1)] + [f"({e[-1]}+"]
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def short_bin_labels() -> list[str]:
+    """Column sizes are integers, so ``(2, 4]`` is ``3-4``: ``['1', '2', '3-4', ..., '>32k']``
+    (k = 1024), short enough to read unrotated on a plot axis."""
+    e = META_BIN_EDGES
+    out = []
+    for i in range(len(e) - 1):
+        lo, hi = e[i] + 1, e[i + 1]
+        out.append(str(hi) if lo == hi else
+                   (f"{_k(e[i])}-{_k(hi)}" if e[i] >= 1024 else f"{lo}-{_k(hi)}"))
+    return out + [f">{_k(e[-1])}"]
+
+
+def reachable_bins(max_column_size: int) -> np.ndarray:
+    """Which bins a column size of at most ``max_column_size`` can land in (bin i needs a
+    size above ``META_BIN_EDGES[i]``): a batch of B samples with at most P ids per bag
+    never puts an id in a bin whose lower edge is >= B * P."""
+    return _EDGES < max(0, int(max_column_size))
 
 
 @dataclass(frozen=True)
@@ -321,7 +346,7 @@ class _Counter:
 
 
 def analyze(batches: Iterable[Any], *, rows: Sequence[int] | None = None,
-            max_batches: int | None = None) -> TraceStats:
+            max_batches: int | None = None, progress: bool = False) -> TraceStats:
     """One pass over a trace (a :class:`~traces.formats.Trace`, TraceBatches or SparseFeatures).
 
     Parameters
@@ -333,7 +358,19 @@ def analyze(batches: Iterable[Any], *, rows: Sequence[int] | None = None,
         trace's, else the coverage is over rows looked up at least once).
     max_batches : int, optional
         Stop after this many batches.
+    progress : bool
+        A tqdm bar on stderr.
     """
+    from tqdm.auto import tqdm
+
+    try:
+        total: int | None = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    bar = tqdm(total=total, desc="trace-stats", unit="batch", disable=not progress,
+               leave=False)
     if rows is None:
         try:
             rows = getattr(batches, "rows", None)
@@ -374,6 +411,8 @@ def analyze(batches: Iterable[Any], *, rows: Sequence[int] | None = None,
                 pool = np.concatenate([pool, np.zeros(max(m + 1, 2 * pool.size) - pool.size,
                                                       np.int64)])
             pool += np.bincount(lens, minlength=pool.size)
+        bar.update(1)
+    bar.close()
     if st is None:
         raise InvalidBatchError("the trace has no batches")
     nz = np.flatnonzero(pool)
@@ -429,8 +468,13 @@ def format_stats(st: TraceStats, *, target: np.ndarray | None = None) -> str:
 
 
 def plot_stats(st: TraceStats, out: str | os.PathLike[str], *, target: np.ndarray | None = None,
-               title: str | None = None) -> list[Path]:
-    """Write ``reuse.png``, ``coverage.png``, ``pooling.png``, ``unique.png`` into ``out``."""
+               title: str | None = None, name: str | None = None,
+               target_name: str | None = None) -> list[Path]:
+    """Write ``reuse.png``, ``coverage.png``, ``pooling.png``, ``unique.png`` into ``out``.
+
+    ``name``: the trace's name, put in every title; ``target_name``: what the
+    target histogram is (``meta2021``, a file), named in the legend.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -439,24 +483,42 @@ def plot_stats(st: TraceStats, out: str | os.PathLike[str], *, target: np.ndarra
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    labels = bin_labels()
     x = np.arange(NUM_BINS)
+    of = f" of {name}" if name else ""
 
-    fig, ax = plt.subplots(figsize=(9, 4))
+    def save(fig: Any, file: str) -> None:
+        fig.tight_layout()
+        paths.append(out / file)
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+
+    for fig, file in _figures(st, target, title, of, target_name, x):
+        save(fig, file)
+    return paths
+
+
+def _figures(st: TraceStats, target: np.ndarray | None, title: str | None, of: str,
+             target_name: str | None, x: np.ndarray) -> list[tuple[Any, str]]:
+    """The four figures (matplotlib objects, not yet saved: tests read their axes)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figs = []
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     w = 0.4 if target is not None else 0.8
     ax.bar(x - (w / 2 if target is not None else 0), st.reuse.lookup_fractions, w,
-           label="trace")
+           label="this trace")
     if target is not None:
-        ax.bar(x + w / 2, target, w, label="target")
+        ax.bar(x + w / 2, target, w, label=f"target ({target_name})" if target_name
+               else "target")
         ax.legend()
-    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(x, short_bin_labels(), rotation=45, ha="right", fontsize=9)
+    ax.set_xlim(-0.6, NUM_BINS - 0.4)
     ax.set_ylabel("fraction of lookups")
-    ax.set_xlabel("column size (uses of an id within a batch)")
-    ax.set_title(title or "reuse histogram")
-    fig.tight_layout()
-    paths.append(out / "reuse.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    ax.set_xlabel("column size: uses of an id within a batch and table (k = 1024)")
+    ax.set_title(title or f"reuse histogram{of}")
+    ax.grid(True, axis="y", alpha=0.3)
+    figs.append((fig, "reuse.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     if st.coverage_x.size > 1:
@@ -467,33 +529,37 @@ def plot_stats(st: TraceStats, out: str | os.PathLike[str], *, target: np.ndarra
     ax.set_ylabel("fraction of lookups")
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)
-    ax.set_title("coverage")
-    fig.tight_layout()
-    paths.append(out / "coverage.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    ax.set_title(f"coverage{of}")
+    figs.append((fig, "coverage.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     h = st.pooling_hist
-    ax.bar(np.arange(h.size), h / max(1, h.sum()), 1.0)
+    nz = np.flatnonzero(h)
+    lo, hi = (int(nz[0]), int(nz[-1])) if nz.size else (0, 0)
+    ax.bar(np.arange(lo, hi + 1), h[lo:hi + 1] / max(1, h.sum()), 0.8)
+    pad = 0.6 if hi > lo else 2.5  # a lone bar would fill the whole axis
+    ax.set_xlim(max(-0.6, lo - pad), hi + pad)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12, min_n_ticks=1))
     ax.set_xlabel("pooling factor (ids per bag)")
     ax.set_ylabel("fraction of bags")
-    if h.size > 50:
+    if hi - lo > 50:
         ax.set_yscale("log")
-    ax.set_title("pooling factor distribution")
-    fig.tight_layout()
-    paths.append(out / "pooling.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    else:
+        ax.set_ylim(0, 1.05 * float(h.max() / max(1, h.sum())) if h.sum() else 1)
+    ax.set_title(f"pooling factor distribution{of}")
+    figs.append((fig, "pooling.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(np.arange(len(st.unique_per_batch)), st.unique_per_batch, label="unique ids")
-    ax.plot(np.arange(len(st.lookups_per_batch)), st.lookups_per_batch, label="lookups")
+    b = np.arange(len(st.unique_per_batch))
+    ax.plot(b, st.lookups_per_batch, label="lookups")
+    ax.plot(b, st.unique_per_batch, label="distinct ids (per table, summed)")
     ax.set_xlabel("batch")
-    ax.legend()
-    ax.set_title("unique ids per batch")
-    fig.tight_layout()
-    paths.append(out / "unique.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-    return paths
+    ax.set_ylabel("ids per batch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+    top = max(st.lookups_per_batch, default=1)
+    ax.set_ylim(0, 1.3 * top)  # headroom: the legend sits above the lines
+    ax.legend(loc="upper right", ncols=2, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"lookups and distinct ids per batch{of}")
+    figs.append((fig, "unique.png"))
+    return figs

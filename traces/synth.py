@@ -48,6 +48,7 @@ __all__ = [
     "SyntheticTrace",
     "calibrate",
     "fit_zipf_alpha",
+    "format_calibration",
     "generate",
     "synthetic_batches",
     "table_preset",
@@ -348,17 +349,24 @@ class GeneratorConfig:
         ``pooling="dlrmv2"`` gives each table its DLRM-v2 multi-hot size.
         """
         rows = table_preset(preset)
-        if pooling == "dlrmv2":
-            if len(rows) != len(DLRMV2_MULTI_HOT):
-                raise ConfigError("dlrmv2 multi-hot pooling needs the 26 Criteo tables")
-            pooling = tuple(Pooling(PoolingKind.FIXED, float(m)) for m in DLRMV2_MULTI_HOT)
-        elif isinstance(pooling, str):
-            pooling = Pooling.parse(pooling)
         if pooling is not None:
-            kw["pooling"] = pooling
+            kw["pooling"] = _pooling_arg(pooling, len(rows))
         if preset in TABLE_PRESETS and len(rows) == 26 and "keys" not in kw:
             kw["keys"] = tuple(f"C{i + 1}" for i in range(26))
         return cls(rows, **kw)
+
+    @classmethod
+    def for_tables(cls, keys: Sequence[str], rows: Sequence[int], *,
+                   pooling: Pooling | tuple[Pooling, ...] | str | None = None,
+                   **kw: Any) -> GeneratorConfig:
+        """Tables named and sized as given (e.g. a store's), so its trace replays on them.
+
+        Ids stay below each table's rows; the popularity and pooling shapes are
+        the same as for a preset.
+        """
+        if pooling is not None:
+            kw["pooling"] = _pooling_arg(pooling, len(rows))
+        return cls(tuple(int(r) for r in rows), keys=tuple(str(k) for k in keys), **kw)
 
     @property
     def table_keys(self) -> tuple[str, ...]:
@@ -405,6 +413,18 @@ class GeneratorConfig:
             d["keys"] = tuple(d["keys"])
         d["table_rows"] = tuple(d["table_rows"])
         return cls(**d)
+
+
+def _pooling_arg(pooling: Pooling | tuple[Pooling, ...] | str,
+                 n_tables: int) -> Pooling | tuple[Pooling, ...]:
+    """A pooling spec: a Pooling, one per table, text, or ``"dlrmv2"`` (multi-hot sizes)."""
+    if pooling == "dlrmv2":
+        if n_tables != len(DLRMV2_MULTI_HOT):
+            raise ConfigError("dlrmv2 multi-hot pooling needs the 26 Criteo tables")
+        return tuple(Pooling(PoolingKind.FIXED, float(m)) for m in DLRMV2_MULTI_HOT)
+    if isinstance(pooling, str):
+        return Pooling.parse(pooling)
+    return pooling
 
 
 def _pool_dict(p: Pooling) -> dict[str, Any]:
@@ -524,13 +544,67 @@ class CalibrationResult:
     evaluations: int
     baseline_distance: float = float("nan")
     """Distance of the input config before fitting."""
+    max_column_size: int = 0
+    """Most lookups one table gets in one generated batch: no id can be used more often
+    within a batch, so the bins from this size up cannot be reached at this batch size
+    and pooling."""
+
+    @property
+    def reachable(self) -> tuple[bool, ...]:
+        """Per bin: whether a column size of at most :attr:`max_column_size` can fall in it."""
+        from traces.stats import reachable_bins
+
+        return tuple(bool(x) for x in reachable_bins(self.max_column_size))
+
+    @property
+    def unreachable_bins(self) -> list[str]:
+        from traces.stats import bin_labels
+
+        return [lab for lab, ok in zip(bin_labels(), self.reachable, strict=True) if not ok]
+
+    @property
+    def unreachable_mass(self) -> float:
+        """Target share of lookups in unreachable bins: no fit gets the distance below it."""
+        return float(sum(t for t, ok in zip(self.target, self.reachable, strict=True)
+                         if not ok))
+
+    @property
+    def bin_distance(self) -> tuple[float, ...]:
+        """Each bin's share of the distance, ``|achieved - target| / 2`` (sums to it)."""
+        return tuple(abs(h - t) / 2 for h, t in zip(self.histogram, self.target, strict=True))
 
     def to_dict(self) -> dict[str, Any]:
         return {"alpha": self.config.alpha, "alpha_spread": self.config.alpha_spread,
                 "active_fraction": self.config.active_fraction,
                 "distance": self.distance, "baseline_distance": self.baseline_distance,
                 "histogram": list(self.histogram), "target": list(self.target),
+                "bin_distance": list(self.bin_distance),
+                "max_column_size": self.max_column_size,
+                "unreachable_bins": self.unreachable_bins,
+                "unreachable_mass": self.unreachable_mass,
                 "evaluations": self.evaluations}
+
+
+def format_calibration(res: CalibrationResult, target_name: Any = "target") -> str:
+    """Per bin: achieved vs target share of lookups and its part of the distance; which
+    bins this batch size and pooling cannot reach, and the floor that puts on the distance."""
+    from traces.stats import bin_labels
+
+    lines = [f"calibration to {target_name}, per reuse bin (share of lookups):",
+             f"  {'bin':>16} {'achieved':>9} {'target':>8} {'distance':>9}"]
+    for lab, h, t, d, ok in zip(bin_labels(), res.histogram, res.target, res.bin_distance,
+                                res.reachable, strict=True):
+        lines.append(f"  {lab:>16} {h:9.3f} {t:8.3f} {d:9.3f}"
+                     + ("" if ok else "  unreachable"))
+    cfg = res.config
+    if res.unreachable_bins:
+        lines.append(
+            f"  {len(res.unreachable_bins)} target bins ({res.unreachable_bins[0]} and up, "
+            f"{res.unreachable_mass:.1%} of the target's lookups) are unreachable: a table "
+            f"gets at most {res.max_column_size} lookups in a batch of {cfg.batch_size} "
+            f"samples at this pooling, so no id is used more often; the distance cannot go "
+            f"below {res.unreachable_mass:.4f}. Larger --batch-size or --pooling reach them.")
+    return "\n".join(lines)
 
 
 def _batch_histogram(config: GeneratorConfig, n_batches: int) -> np.ndarray:
@@ -630,4 +704,16 @@ def calibrate(target: Sequence[float] | np.ndarray | str, config: GeneratorConfi
                      active_fraction=float(min(1.0, 10 ** lf_best)))
     h = _batch_histogram(fitted, n_batches)
     return CalibrationResult(fitted, histogram_distance(h, tgt), tuple(float(x) for x in h),
-                             tuple(float(x) for x in tgt), evals, base)
+                             tuple(float(x) for x in tgt), evals, base,
+                             max_column_size=_max_table_lookups(fitted, n_batches))
+
+
+def _max_table_lookups(config: GeneratorConfig, n_batches: int) -> int:
+    """Most lookups of one table in one of the calibration batches (the largest possible
+    column size: every lookup of the table on one id)."""
+    best = 0
+    for tb in generate(replace(config, n_batches=max(1, n_batches))):
+        sf = tb.sparse
+        ends = sf.offsets[np.arange(sf.num_tables + 1) * sf.batch_size]
+        best = max(best, int(np.diff(ends).max(initial=0)))
+    return best

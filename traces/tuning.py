@@ -94,6 +94,7 @@ __all__ = [
     "plot_mrc",
     "recommend",
     "simulate",
+    "table_mismatch",
 ]
 
 DEFAULT_PINNED_FRACTION = 0.5
@@ -263,12 +264,29 @@ class _GroupStream:
     """every global id of the profile batches (repeats count; order irrelevant)."""
 
 
+def _names(names: Sequence[str], head: int = 4, tail: int = 2) -> str:
+    """``C1, C2, C3, C4, ..., C25, C26 (26)``: a long list of names, abbreviated."""
+    names = [str(n) for n in names]
+    if len(names) <= head + tail + 1:
+        return ", ".join(names)
+    rest = ", ".join(names[-tail:]) + f" ({len(names)})" if tail else f"({len(names)})"
+    return ", ".join(names[:head]) + ", ..., " + rest
+
+
+def table_mismatch(trace_keys: Sequence[str], store_names: Sequence[str],
+                   missing: Sequence[str]) -> str:
+    """The message for trace tables the store lacks: both name sets and the two ways out."""
+    return (f"{len(missing)} of the trace's {len(trace_keys)} tables are not in the store "
+            f"(first: {_names(missing, 3, 0)}); trace tables: {_names(trace_keys)}; store "
+            f"tables: {_names(store_names)}. Rename them with --table-map "
+            "TRACE=STORE,... (table_map=), or generate the trace for this store with "
+            "`tiermem trace-generate OUT --for-store STORE`")
+
+
 def _check_keys(keys: Sequence[str], layout: CacheLayout) -> None:
     missing = [k for k in keys if k not in layout.rows]
     if missing:
-        raise ConfigError(f"trace table(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-                          f"not in the cache's tables; trace tables: {list(keys)[:16]}, "
-                          f"cache/store tables: {list(layout.tables)[:16]}")
+        raise ConfigError(table_mismatch(keys, layout.tables, missing))
 
 
 def _streams(batches: Iterable[Any], layout: CacheLayout, max_batches: int | None,
@@ -335,10 +353,10 @@ def _streams(batches: Iterable[Any], layout: CacheLayout, max_batches: int | Non
     return out, n, n_profile, np.asarray(lookups, np.int64)
 
 
-def _bar(enabled: bool, desc: str, total: int | None = None) -> Any:
+def _bar(enabled: bool, desc: str, total: int | None = None, unit: str = "batch") -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="batch", disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
 
 
 # -- results -------------------------------------------------------------------------
@@ -489,7 +507,7 @@ def simulate(trace_or_batches: Iterable[Any], table_rows: Any = None,
              pinned_fraction: float = DEFAULT_PINNED_FRACTION, dynamic: str = "lru",
              lfu_aging_period: int = 0, profile_batches: int | None = None,
              max_batches: int | None = None, opt: bool = True,
-             progress: bool = False) -> TuneResults:
+             progress: bool = False, row_bytes: int | None = None) -> TuneResults:
     """Simulate each policy (and admission variant) at each size; OPT as the bound.
 
     Parameters
@@ -516,6 +534,9 @@ def simulate(trace_or_batches: Iterable[Any], table_rows: Any = None,
         Use only the first batches of the trace (profile included).
     opt : bool
         Also compute Belady's OPT (with bypass) at each size.
+    row_bytes : int, optional
+        Bytes per cached row when ``table_rows`` gives row counts (a store
+        or layout knows its own); byte sizes (``"256MiB"``) need it there.
 
     Returns
     -------
@@ -561,6 +582,21 @@ def simulate(trace_or_batches: Iterable[Any], table_rows: Any = None,
             table_rows = dict(zip(keys, rows, strict=True))
     layout = _layout(table_rows, trace_or_batches)
     size_names = [str(s).strip() for s in sizes]
+    from_counts = not isinstance(table_rows, (CacheLayout, str, os.PathLike)) and not hasattr(
+        table_rows, "tables")
+    if from_counts:
+        if row_bytes is not None:
+            if isinstance(row_bytes, bool) or int(row_bytes) < 1:
+                raise ConfigError(f"row_bytes must be >= 1, got {row_bytes!r}")
+            layout = CacheLayout(tuple(CacheGroup(g.tables, g.rows, int(row_bytes))
+                                       for g in layout.groups))
+        else:
+            in_bytes = [s for s in size_names if "capacity_bytes" in parse_size(s)]
+            if in_bytes:
+                raise ConfigError(
+                    f"cache size {in_bytes[0]!r} is in bytes, but the table sizes are row "
+                    "counts: give a store (--store STORE) or the bytes per row (--row-bytes "
+                    "N), or a size in rows or %")
     # every config first: bad sizes/policies fail before the trace is read
     configs: list[tuple[str, str | None, str, CacheConfig, list[int]]] = []
     for s in size_names:
@@ -582,7 +618,8 @@ def simulate(trace_or_batches: Iterable[Any], table_rows: Any = None,
     measured_lookups = int(lookups[warm:].sum())
     results: list[SimResult] = []
     caps_by_size: dict[str, int] = {}
-    bar = _bar(progress, "simulate", total=len(configs) + (len(size_names) if opt else 0))
+    bar = _bar(progress, "simulate policy x size", unit="run",
+               total=len(configs) + (len(size_names) if opt else 0))
     for label, a, s, cfg, caps in configs:
         caps_by_size[s] = sum(caps)
         t1 = time.perf_counter()
@@ -702,21 +739,33 @@ def format_results(results: TuneResults, rec: Recommendation | None = None) -> s
     return "\n".join(lines)
 
 
-def plot_mrc(results: TuneResults, path: str | os.PathLike[str]) -> Path:
-    """Miss-ratio curve PNG: miss ratio vs cache size (rows), a line per policy, OPT dashed."""
+def _size_axis(results: TuneResults) -> tuple[dict[str, float], str]:
+    """x position of every size in the unit the sizes were given in, and the axis label."""
+    kinds = {s: next(iter(parse_size(s))) for s in results.sizes}
+    if set(kinds.values()) == {"capacity_fraction"}:
+        return ({s: 100.0 * parse_size(s)["capacity_fraction"] for s in results.sizes},
+                "cache size (% of the tables' rows)")
+    if set(kinds.values()) == {"capacity_bytes"}:
+        return ({s: parse_size(s)["capacity_bytes"] / 2**20 for s in results.sizes},
+                "cache size (MiB)")
+    return {s: float(results.capacities[s]) for s in results.sizes}, "cache size (rows)"
+
+
+def _mrc_figure(results: TuneResults, target_hit_rate: float | None = None,
+                name: str | None = None) -> Any:
+    """The miss-ratio-curve figure (not saved: tests read its axes)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
-    out = Path(path)
-    if out.parent and not out.parent.exists():
-        raise ConfigError(f"cannot write {out}: folder {out.parent} does not exist")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xpos, xlabel = _size_axis(results)
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     colors = plt.get_cmap("tab10").colors
     base = list(dict.fromkeys(p.split("+")[0] for p in results.policies if p != OPT))
     for p in results.policies:
-        pts = sorted((r.capacity_rows, r.miss_ratio) for r in results.results if r.policy == p)
+        pts = sorted((xpos[r.size], r.miss_ratio) for r in results.results if r.policy == p)
         if not pts:
             continue
         xs, ys = zip(*pts, strict=True)
@@ -726,18 +775,42 @@ def plot_mrc(results: TuneResults, path: str | os.PathLike[str]) -> Path:
             style = {"color": colors[base.index(p.split("+")[0]) % len(colors)],
                      "linestyle": ":" if "+" in p else "-"}
         ax.plot(xs, ys, marker="o", label="OPT (Belady, bypass)" if p == OPT else p, **style)
-    ax.set_xlabel("cache size (rows)")
+    if target_hit_rate is not None:
+        ax.axhline(1 - target_hit_rate, color="red", linewidth=1, alpha=0.7,
+                   label=f"target hit rate {target_hit_rate:g}\n(miss ratio {1 - target_hit_rate:.2g})")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("miss ratio (distinct rows per batch)")
-    if len(results.sizes) > 1:
-        caps = [results.capacities[s] for s in results.sizes]
-        if max(caps) / max(min(caps), 1) >= 10:
-            ax.set_xscale("log")
+    xs_all = sorted(set(xpos.values()))
+    if len(xs_all) > 1 and xs_all[-1] / max(xs_all[0], 1e-12) >= 10:
+        ax.set_xscale("log")
+    # one tick per simulated size, labelled as given: no crowded or unrelated ticks
+    order = sorted(results.sizes, key=lambda s: xpos[s])
+    ax.set_xticks([xpos[s] for s in order], order)
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_ylim(0, None)
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"miss-ratio curve ({results.batches - results.profile_batches} batches, "
-                 f"{results.lookups} lookups)")
-    ax.legend(fontsize=8)
+    ax.set_title(f"miss-ratio curve{f' of {name}' if name else ''} "
+                 f"({results.batches - results.profile_batches} measured batches, "
+                 f"{results.lookups} lookups)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the data
     fig.tight_layout()
+    return fig
+
+
+def plot_mrc(results: TuneResults, path: str | os.PathLike[str], *,
+             target_hit_rate: float | None = None, name: str | None = None) -> Path:
+    """Miss-ratio curve PNG: miss ratio vs cache size, a line per policy, OPT dashed.
+
+    The x axis is in the unit the sizes were given in (% of rows, MiB, rows);
+    ``target_hit_rate`` draws the target as a line, ``name`` (the trace) goes
+    in the title.
+    """
+    import matplotlib.pyplot as plt
+
+    out = Path(path)
+    if out.parent and not out.parent.exists():
+        raise ConfigError(f"cannot write {out}: folder {out.parent} does not exist")
+    fig = _mrc_figure(results, target_hit_rate, name)
     tmp = out.with_name(out.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -18,6 +18,7 @@ capacity. All counting happens on vectors; nothing loops per id in Python.
 
 from __future__ import annotations
 
+import collections
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -133,6 +134,10 @@ class PrefetchCounters:
     """prefetched rows evicted without ever being hit."""
     dropped: int = 0
     """rows the cache refused to prefetch (admission filter, or nothing evictable)."""
+    bytes_read: int = 0
+    """bytes the prefetcher's reads took from the cold tier's device."""
+    read_ops: int = 0
+    """read operations of the prefetcher (SSD: preads; CXL: modeled row accesses)."""
 
 
 @dataclass
@@ -467,10 +472,18 @@ class CachedTier(Tier):
             c.dropped += int((res.slots < 0).sum())
         try:
             if keys.size:  # reserved slots: read in place, as _fill does
-                self._read_into(g, keys, g.pool, g.qpool, None, background=True,
+                read: collections.defaultdict[str, TableStats] = \
+                    collections.defaultdict(TableStats)
+                self._read_into(g, keys, g.pool, g.qpool, read, background=True,
                                 out_index=slots)
+                tot = TableStats()
+                for st in read.values():
+                    tot.add(st)
             with self._cond:
                 g.prefetched[slots] = True
+                if keys.size:
+                    c.bytes_read += tot.bytes_read
+                    c.read_ops += tot.read_ops
         except BaseException:
             with self._cond:
                 g.policy.remove(keys)

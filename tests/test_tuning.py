@@ -303,12 +303,52 @@ def test_cli_tune_byte_sizes_need_row_bytes(native, capsys):
         simulate(_trace(4), None, ["lru"], ["1MiB"])
 
 
-def test_tune_progress_counts_runs():
-    from traces.tuning import _bar
+def _run_with_stderr(argvs, python, env, cwd, tty):
+    """Run CLI verbs (one process) with stderr a pipe or a pseudo-terminal; its stderr."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
 
-    bar = _bar(False, "simulate policy x size", total=3, unit="run")
-    assert bar.unit == "run"
-    bar.close()
+    code = ("import sys; from traces.replay_cli import main\n"
+            f"sys.exit(max(main(a) for a in {argvs!r}))")
+    if not tty:
+        p = subprocess.run([python, "-c", code], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=120)
+        return p.returncode, p.stderr
+    master, slave = pty.openpty()
+    # a window of 0 columns (the default) would make tqdm draw an empty bar
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    p = subprocess.Popen([python, "-c", code], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                         stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return p.wait(timeout=120), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_only_on_a_terminal(native, python, subprocess_env, repo_root, tmp_path):
+    """A pipe gets no bar characters from any verb; a terminal gets tune's bar (counting
+    runs), and nothing from a --quiet verb."""
+    tune = ["tune", "--trace", str(native), "--policies", "lru", "--sizes", "1%,5%"]
+    verbs = [tune, ["trace-generate", str(tmp_path / "g"), "--tables", "100,200"],
+             ["trace-stats", str(native), "--plots", str(tmp_path / "p")],
+             ["trace-convert", str(native), "--out", str(tmp_path / "c")]]
+    rc, err = _run_with_stderr(verbs, python, subprocess_env, repo_root, tty=False)
+    assert rc == 0 and "\r" not in err and "%|" not in err and "/s]" not in err, err
+    gen = ["trace-generate", str(tmp_path / "q"), "--tables", "100,200", "-q"]
+    rc, err = _run_with_stderr([gen, tune], python, subprocess_env, repo_root, tty=True)
+    assert rc == 0 and "simulate policy x size" in err and "run/s" in err, err
+    assert "write trace" not in err
 
 
 def test_mrc_axes_use_the_given_unit(results):
@@ -319,7 +359,7 @@ def test_mrc_axes_use_the_given_unit(results):
     assert "%" in ax.get_xlabel()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1%", "2%", "5%", "20%"]
     assert list(ax.get_xticks()) == [1.0, 2.0, 5.0, 20.0]
-    assert ax.get_xaxis().get_minor_locator().tick_values(1, 20).size == 0
+    assert len(ax.get_xaxis().get_minor_locator().tick_values(1, 20)) == 0
     assert "tr" in ax.get_title()
     target = [ln for ln in ax.get_lines() if "target" in ln.get_label()]
     assert len(target) == 1 and np.allclose(target[0].get_ydata(), 0.4)

@@ -17,6 +17,7 @@ from traces.synth import (
     SyntheticTrace,
     calibrate,
     fit_zipf_alpha,
+    format_calibration,
     generate,
     synthetic_batches,
     table_preset,
@@ -171,3 +172,33 @@ def test_calibration_to_meta2021_improves():
     assert res.distance < 0.2
     assert res.distance == pytest.approx(histogram_distance(res.histogram,
                                                             meta_target("meta2021")))
+
+
+def test_calibration_reports_unreachable_bins():
+    """At 64 samples and one id per bag, no id is used more than 64 times in a batch: the
+    bins from (64, 128] up are unreachable, and their target mass floors the distance."""
+    from traces.stats import META_BIN_EDGES, bin_labels, meta_target
+
+    cfg = GeneratorConfig((5000, 20), batch_size=64, n_batches=1, seed=3)
+    res = calibrate("meta2021", cfg, rounds=1)
+    tgt = meta_target("meta2021")
+    assert res.max_column_size == 64
+    cut = META_BIN_EDGES.index(64)
+    assert res.unreachable_bins == bin_labels()[cut:]
+    assert np.isclose(res.unreachable_mass, tgt[cut:].sum())
+    assert res.distance >= res.unreachable_mass - 1e-9
+    assert np.isclose(sum(res.bin_distance), res.distance)
+    assert all(h == 0 for h in res.histogram[cut:])
+    text = format_calibration(res, "meta2021")
+    assert "(64, 128] and up" in text and text.count("unreachable") == len(bin_labels()) - cut + 1
+    d = res.to_dict()
+    assert d["unreachable_bins"] == res.unreachable_bins and len(d["bin_distance"]) == 17
+
+
+def test_for_tables_keeps_names_rows_and_shape():
+    cfg = GeneratorConfig.for_tables(["a", "b"], [7, 300], pooling="uniform:2:5", n_batches=3,
+                                     batch_size=50, alpha=1.2)
+    assert cfg.table_keys == ("a", "b") and cfg.table_rows == (7, 300)
+    for tb in generate(cfg):
+        tb.sparse.validate_ids(cfg.table_rows)
+        assert 2 <= tb.sparse.lengths.min() and tb.sparse.lengths.max() <= 5

@@ -25,7 +25,7 @@ from traces.stats import (
     plot_stats,
     reuse_histogram,
 )
-from traces.synth import GeneratorConfig, Pooling, SyntheticTrace
+from traces.synth import GeneratorConfig, Pooling, SyntheticTrace, generate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 META = DATA / "meta_dlrm_datasets"
@@ -154,3 +154,35 @@ def test_cli_convert_real_criteo(tmp_path, capsys):
                        "--rows", "dlrmv2", "--batch-size", "4096"]) == 0
     tr = NativeTrace(tmp_path / "tb")
     assert tr.batch_sizes == [4096, 4096, 132] and tr.num_dense == 13 and tr.has_labels
+
+
+def test_plot_axes_are_readable():
+    """pooling: integer ticks around the data; unique: y label, y from 0; reuse: short bin
+    labels that match the bins, the target named."""
+    import matplotlib.pyplot as plt
+
+    from traces.stats import META_BIN_EDGES, _figures, meta_target, short_bin_labels
+
+    batches = list(generate(GeneratorConfig((500, 30), batch_size=64, n_batches=4, seed=1)))
+    st = analyze(batches)
+    figs = dict((f, fig) for fig, f in _figures(st, meta_target("meta2021"), None, " of tr",
+                                                "meta2021", np.arange(17)))
+    pool = figs["pooling.png"].axes[0]
+    ticks = [t for t in pool.get_xticks() if pool.get_xlim()[0] <= t <= pool.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks) and 1 in ticks
+    assert pool.get_xlim()[0] >= -0.6
+    uniq = figs["unique.png"].axes[0]
+    assert uniq.get_ylabel() and uniq.get_ylim()[0] == 0
+    assert uniq.get_ylim()[1] > 1.2 * max(st.lookups_per_batch)  # room for the legend
+    reuse = figs["reuse.png"].axes[0]
+    labels = [t.get_text() for t in reuse.get_xticklabels()]
+    assert labels == short_bin_labels() and labels[:3] == ["1", "2", "3-4"]
+    assert labels[-1] == ">32k" and labels[-2] == "16k-32k"
+    # each label's range is its bin's: (lo, hi] holds the integers lo+1..hi
+    for lab, lo in zip(labels[2:10], META_BIN_EDGES[2:10], strict=True):
+        assert lab == f"{lo + 1}-{2 * lo}"
+    assert [t.get_text() for t in reuse.get_legend().get_texts()] == ["this trace",
+                                                                       "target (meta2021)"]
+    assert "tr" in reuse.get_title()
+    for f in figs.values():
+        plt.close(f)

@@ -10,9 +10,7 @@ and the kernels hold no per-call state; torch modules are read-only).
 from __future__ import annotations
 
 import collections
-import copy
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -165,16 +163,6 @@ def run_dense(model: DenseDLRM | TracedDense, dense: torch.Tensor, pooled: np.nd
     with torch.inference_mode():
         out = model(dense, torch.from_numpy(pooled))
     return out.numpy().astype(np.float32, copy=False)
-
-
-def _synthetic_batch(names: Sequence[str], rows: Sequence[int], B: int, *,
-                     weighted: bool, shift: int = 0) -> SparseFeatures:
-    """One id per bag, distinct within each table where it has the rows (misses for a
-    cache), for warm-ups."""
-    ids = np.concatenate([(np.arange(B, dtype=np.int64) + shift) % r for r in rows])
-    offsets = np.arange(ids.size + 1, dtype=np.int64)
-    w = np.ones(ids.size, np.float32) if weighted else None
-    return SparseFeatures.from_offsets(list(names), ids, offsets, w)
 
 
 class InferenceSession:
@@ -335,55 +323,23 @@ class InferenceSession:
         counter is put back, so the session is left as it was: same cache
         content, same statistics. Returns seconds taken and the kernel
         specialisations it added (compiled now / loaded from the cache).
+        See :mod:`tiermem.warmup`.
         """
-        from tiermem.kernels import kernel_census
-        from tiermem.kernels.sls import parallel_min_work
+        from tiermem.warmup import warm_tier
 
-        t0 = time.perf_counter()
-        before = kernel_census()
         T = len(self.table_names)
-        if batch_sizes is None:
-            batch_sizes = (1, max(8, -(-2 * parallel_min_work() // max(T, 1))))
-        weight_modes = [False, True] if weighted and self.config.pooling is PoolingMode.SUM \
-            else [False]
-        tier = self.tier
-        scratch = None
-        tiers = [tier, *([tier.cold] if hasattr(tier, "cold") else [])]
-        snaps = [t.stats.snapshot() for t in tiers]
-        if hasattr(tier, "scratch_copy"):
-            scratch = tier.scratch_copy()
-            counters = copy.copy(tier.prefetch_counters)
-        try:
-            run_on = scratch if scratch is not None else tier
-            for B in batch_sizes:
-                for w in weight_modes:
-                    f = _synthetic_batch(self.table_names, self._rows, int(B), weighted=w)
-                    with kernel_threads(self.config.num_threads):
-                        pooled = run_on.pool(f, mode=self.config.pooling,
-                                             validate=self.config.validate)
-                    pooled = pooled.reshape(int(B), T, -1)
-                    dense = torch.zeros(int(B), self.dense.config.num_dense)
-                    for _ in range(2):  # TorchScript profiles a graph's first runs
-                        self._mlp(dense, pooled)
-            if scratch is not None and self.prefetcher is not None:
-                from tiermem.cache.prefetch import Prefetcher
+        num_dense = self.dense.config.num_dense
 
-                with Prefetcher(scratch, self.config.prefetch) as pf:
-                    pf.submit(_synthetic_batch(self.table_names, self._rows,
-                                               int(batch_sizes[-1]), weighted=False,
-                                               shift=1))
-                    pf.drain(timeout=600)
-                    if pf.errors:
-                        raise pf.errors[-1]
-        finally:
-            if scratch is not None:
-                scratch.close()
-                tier.prefetch_counters = counters  # type: ignore[attr-defined]
-            for t, snap in zip(tiers, snaps, strict=True):
-                t.stats.restore(snap)
-        added = kernel_census().since(before)
-        return {"seconds": time.perf_counter() - t0, "kernels_added": added.signatures,
-                "compiled": added.compiled, "loaded_from_cache": added.loaded}
+        def mlp(B: int, pooled: np.ndarray) -> None:
+            dense = torch.zeros(B, num_dense)
+            for _ in range(2):  # TorchScript profiles a graph's first runs
+                self._mlp(dense, pooled.reshape(B, T, -1))
+
+        return warm_tier(self.tier, names=self.table_names, pooling=self.config.pooling,
+                         validate=self.config.validate, num_threads=self.config.num_threads,
+                         weighted=weighted, batch_sizes=batch_sizes,
+                         prefetch=self.config.prefetch if self.prefetcher is not None else None,
+                         on_pooled=mlp)
 
     def warm(self, profile: Mapping[str, np.ndarray]) -> int:
         """Fill the cache from a popularity profile (table -> ids seen); rows loaded."""

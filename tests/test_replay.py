@@ -458,4 +458,22 @@ def test_main_cli_wiring(python, subprocess_env, repo_root, env):
     if p.returncode != 0 and "invalid choice" in p.stderr:
         pytest.skip("runtime.cli does not register the replay commands yet")
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["cache"]["policy"] == "lru"
+    rep = json.loads(p.stdout)
+    assert rep["cache"]["policy"] == "lru"
+    # a fresh process: every kernel the measured batches ran came from the warm-up
+    assert rep["kernel_warmup"]["kernels_added"] > 0
+    assert rep["kernel_warmup"]["compiled_while_measuring"] == 0
+
+
+def test_cold_process_model_replay_compiles_nothing_while_measuring(python, subprocess_env,
+                                                                    repo_root, env):
+    p = subprocess.run([python, "-m", "runtime.cli", "replay", "--store", str(env["store"]),
+                        "--model", str(env["model"]), "--trace", str(env["trace"]),
+                        "--tier", "ssd", "--policy", "clock", "--cache-size", "20%",
+                        "--prefetch", "2", "--no-progress", "--json"],
+                       cwd=repo_root, env=subprocess_env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    assert rep["kernel_warmup"]["kernels_added"] > 0
+    assert rep["kernel_warmup"]["compiled_while_measuring"] == 0

@@ -289,6 +289,18 @@ def test_cli_tune_json_is_a_flag(native, tmp_path, capsys):
     assert e.value.code == 2 and not (tmp_path / "old.json").exists()
 
 
+def test_cold_process_tune_compiles_nothing_while_timed(native, python, subprocess_env,
+                                                        repo_root):
+    """A fresh process has no kernel yet: the timed runs must find every one compiled."""
+    p = subprocess.run([python, "-m", "traces.replay_cli", "tune", "--trace", str(native),
+                        "--policies", "lru,s3fifo,hybrid", "--sizes", "5%,20%", "-q", "--json"],
+                       cwd=repo_root, env=subprocess_env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["compiled_while_timed"] == 0 and d["compile_seconds"] > 0
+
+
 def test_cli_tune_byte_sizes_need_row_bytes(native, capsys):
     from traces.replay_cli import main
 

@@ -64,6 +64,7 @@ from tiermem.atomicio import chmod_default
 from tiermem.config import TierConfig, TierKind
 from tiermem.errors import ConfigError, InvalidBatchError
 from tiermem.features import SparseFeatures
+from tiermem.kernels import kernel_census
 from tiermem.stats import TableStats
 from traces.tuning import (
     DEFAULT_PINNED_FRACTION,
@@ -493,6 +494,14 @@ def _run(info: Any, trace: Any, trace_path: str | None, source: Iterable[Any], t
         count[0] += 1
         return dense, rename(sf)
 
+    # every kernel the run uses compiled (or loaded from Numba's cache) first: no
+    # compilation inside the warm-up batches' or the measured batches' times
+    if sess is not None:
+        compile_rep = sess.warmup()
+    else:
+        from tiermem.warmup import warm_tier
+
+        compile_rep = warm_tier(tier, prefetch=getattr(prefetcher, "config", None))
     bar = tqdm(total=n_total, desc="replay", unit="batch", disable=not progress, leave=False)
     # warm-up: pool through the cache, no model, no prefetch, not measured
     t0 = time.perf_counter()
@@ -507,6 +516,7 @@ def _run(info: Any, trace: Any, trace_path: str | None, source: Iterable[Any], t
     cache_before = tier.cache_stats() if cache is not None else {}
     pf_before = asdict(tier.prefetch_counters) if cache is not None else {}
 
+    census = kernel_census()
     lat: list[float] = []
     samples = lookups = 0
     preds: list[np.ndarray] = []
@@ -587,6 +597,8 @@ def _run(info: Any, trace: Any, trace_path: str | None, source: Iterable[Any], t
                   lookups, seconds, lat, n_warm, warm_seconds, open_seconds, pinned,
                   prefetch_lookahead, prefetcher, cache_before, pf_before, dense_kind)
     rep["interrupted"] = interrupted
+    rep["kernel_warmup"] = {**compile_rep,
+                            "compiled_while_measuring": kernel_census().since(census).signatures}
     if prefetcher is not None:
         rep["prefetch"]["mode"] = "sync" if sync else "async"
     if predictions_out is not None:

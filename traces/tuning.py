@@ -74,6 +74,7 @@ import numpy as np
 from tiermem.cache.cache import CacheConfig, CachedTier, parse_cache_size
 from tiermem.cache.policy import Policy, hot_keys
 from tiermem.errors import CapacityError, ConfigError, InvalidBatchError
+from tiermem.kernels import kernel_census
 from tiermem.kernels.dedupe import dedupe_first, offset_ids
 from traces.formats import sparse_of
 
@@ -427,6 +428,10 @@ class TuneResults:
     prep_seconds: float = 0.0
     """The shared pass over the trace (reading, global ids, dedupe)."""
     params: dict[str, Any] = field(default_factory=dict)
+    compile_seconds: float = 0.0
+    """Compiling (or loading) every policy's kernels before the timed runs."""
+    compiled_while_timed: int = 0
+    """Kernel specialisations compiled inside the timed runs (0: none was)."""
 
     def get(self, policy: str, size: str) -> SimResult:
         for r in self.results:
@@ -439,7 +444,9 @@ class TuneResults:
                 "measured_batches": self.batches - self.profile_batches,
                 "lookups": self.lookups, "total_rows": self.total_rows,
                 "sizes": self.sizes, "capacities": self.capacities, "policies": self.policies,
-                "prep_seconds": self.prep_seconds, "params": self.params,
+                "prep_seconds": self.prep_seconds, "compile_seconds": self.compile_seconds,
+                "compiled_while_timed": self.compiled_while_timed,
+                "params": self.params,
                 "results": [r.to_dict() for r in self.results]}
 
 
@@ -498,6 +505,27 @@ def _run_opt(streams: list[_GroupStream], caps: list[int], warm: int) -> tuple[i
         misses += k.size - h
         hit_lookups += int(c[m].sum())
     return hits, misses, hit_lookups
+
+
+def _compile_kernels(streams: list[_GroupStream], configs: list[CacheConfig],
+                     opt_caps: list[list[int]]) -> None:
+    """Run every policy (and OPT) once over a few keys of the first batch, so that no
+    timed run includes Numba compiling (or loading) its kernels: the same functions with
+    the same argument types as the real runs, on slices of the real streams."""
+    tiny = []
+    for st in streams:
+        k = int(min(64, st.bounds[1] if st.bounds.size > 1 else 0))
+        tiny.append(_GroupStream(st.keys[:k], st.counts[:k], np.array([0, k], np.int64),
+                                 st.profile[:k]))
+    seen: set[tuple[Any, ...]] = set()
+    for cfg in configs:
+        sig = (cfg.policy, cfg.admission, cfg.dynamic, cfg.pinned_fraction > 0,
+               cfg.lfu_aging_period > 0)
+        if sig not in seen:
+            seen.add(sig)
+            _run_policy(tiny, [max(1, min(8, t.keys.size)) for t in tiny], cfg, 0, 1)
+    if opt_caps:
+        _run_opt(tiny, [max(1, min(8, t.keys.size)) for t in tiny], 0)
 
 
 def simulate(trace_or_batches: Iterable[Any], table_rows: Any = None,
@@ -616,6 +644,12 @@ def simulate(trace_or_batches: Iterable[Any], table_rows: Any = None,
         raise ConfigError(f"nothing to measure: the trace has {n} batch(es) and "
                           f"{warm} are used as the profile/warm-up")
     measured_lookups = int(lookups[warm:].sum())
+    t0 = time.perf_counter()
+    _compile_kernels(streams, [c[3] for c in configs],
+                     [layout.capacities(cache_config("lru", s)) for s in size_names] if opt
+                     else [])
+    compile_seconds = time.perf_counter() - t0
+    census = kernel_census()
     results: list[SimResult] = []
     caps_by_size: dict[str, int] = {}
     bar = _bar(progress, "simulate policy x size", unit="run",
@@ -641,7 +675,8 @@ def simulate(trace_or_batches: Iterable[Any], table_rows: Any = None,
     return TuneResults(results=results, sizes=size_names, capacities=caps_by_size,
                        policies=labels, batches=n, profile_batches=warm,
                        lookups=measured_lookups, total_rows=layout.total_rows,
-                       prep_seconds=prep,
+                       prep_seconds=prep, compile_seconds=compile_seconds,
+                       compiled_while_timed=kernel_census().since(census).signatures,
                        params={"pinned_fraction": pinned_fraction, "dynamic": dynamic,
                                "admission": adms, "lfu_aging_period": lfu_aging_period,
                                "pools": len(layout.groups)})

@@ -9,8 +9,10 @@
 
 Requests of any size are merged by a :class:`~runtime.batcher.DynamicBatcher`
 (see there for the batching, backpressure, deadline and shutdown rules). The
-runtime is *ready* once a small warm-up batch has run (Numba kernels and
-torch compiled) and, if a popularity profile was given, the cache was filled.
+runtime is *ready* once the session's warm-up has run (every Numba kernel
+variant its batches use compiled or loaded from the on-disk cache, the MLPs
+traced: see :meth:`~runtime.session.InferenceSession.warmup`) and, if a
+popularity profile was given, the cache was filled.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ class ServingConfig:
     default_deadline_ms: float | None = None
     """Deadline of requests that give none (None: no deadline)."""
     warmup: bool = True
-    """Run a small batch at start (compile kernels) before reporting ready."""
+    """Warm the session up at start (every kernel compiled or loaded) before reporting
+    ready."""
     prefetch_batches: int = 2
     """Upcoming batches announced to the session's prefetcher (if it has one)."""
     workers: int = 1
@@ -186,6 +189,7 @@ class ServingRuntime:
                                       on_batch=self._on_batch, on_done=self._on_done)
         self._ready = threading.Event()
         self.warmup_error: BaseException | None = None
+        self.warmup_report: dict[str, Any] | None = None
         self._closed = False
         self._started = time.time()
         self._warm_thread: threading.Thread | None = None
@@ -200,6 +204,9 @@ class ServingRuntime:
     def _warm(self, profile: Mapping[str, np.ndarray] | None) -> None:
         try:
             if self.config.warmup:
+                warm = getattr(self.session, "warmup", None)
+                if warm is not None:  # every kernel variant the batches will run
+                    self.warmup_report = warm()
                 d, s = self.example_batch(2)
                 self.session.predict(d, s)
                 self.session.predict(d[:1], _head(s, 1))

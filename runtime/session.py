@@ -25,6 +25,7 @@ from tiermem.config import PoolingMode, TierConfig
 from tiermem.errors import ConfigError, InvalidBatchError
 from tiermem.features import SparseFeatures
 from tiermem.format import open_store
+from tiermem.kernels import resolve_threads
 from tiermem.kernels import threads as kernel_threads
 from tiermem.tiers import Tier, open_tier
 
@@ -41,8 +42,11 @@ class RuntimeConfig:
 
     tier: TierConfig = field(default_factory=TierConfig)
     """Which tier serves the embeddings, and its knobs."""
-    num_threads: int | None = None
-    """Threads for the SLS kernels and torch (None: leave the libraries' defaults)."""
+    num_threads: int | str | None = "auto"
+    """Threads for the SLS kernels and torch: ``"auto"`` (each batch runs on the cores
+    other processes leave idle, re-read every 100 ms: :mod:`tiermem.cpu`; next to a
+    busy neighbour a batch on every core waits for the thread the neighbour preempts),
+    an integer, or None (leave the libraries' defaults: every core)."""
     pooling: PoolingMode = PoolingMode.SUM
     """Bag pooling; DLRM uses sum."""
     validate: bool = True
@@ -71,11 +75,11 @@ class RuntimeConfig:
             object.__setattr__(self, "tier", TierConfig.from_dict(dict(self.tier)))
         if not isinstance(self.tier, TierConfig):
             raise ConfigError(f"RuntimeConfig.tier must be a TierConfig, got {self.tier!r}")
-        if self.num_threads is not None and (
+        if self.num_threads is not None and self.num_threads != "auto" and (
                 isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
                 or self.num_threads < 1):
-            raise ConfigError(f"RuntimeConfig.num_threads must be None or >= 1, got "
-                              f"{self.num_threads!r}")
+            raise ConfigError(f"RuntimeConfig.num_threads must be None, 'auto' or an integer "
+                              f">= 1, got {self.num_threads!r}")
         object.__setattr__(self, "pooling", PoolingMode.parse(self.pooling))
         if not isinstance(self.trace_dense, bool):
             raise ConfigError(f"RuntimeConfig.trace_dense must be a bool, got "
@@ -149,12 +153,13 @@ def dense_tensor(dense: Any, num_dense: int) -> torch.Tensor:
 
 
 def run_dense(model: DenseDLRM | TracedDense, dense: torch.Tensor, pooled: np.ndarray,
-              num_threads: int | None = None) -> np.ndarray:
+              num_threads: int | str | None = None) -> np.ndarray:
     """Click probabilities ``(B,)`` from dense features and pooled ``(B, T, D)`` embeddings.
 
     ``num_threads`` is re-applied to torch on every call: Numba's OpenMP layer
     shares libgomp with torch, and the kernels' thread setting overwrites it.
     """
+    num_threads = resolve_threads(num_threads)
     if num_threads is not None and torch.get_num_threads() != num_threads:
         torch.set_num_threads(num_threads)
     if pooled.shape[0] != dense.shape[0]:
@@ -189,7 +194,7 @@ class InferenceSession:
             if spec.dim != cfg.embedding_dim:
                 raise ConfigError(f"table {name!r} has dim {spec.dim} in the store but the model "
                                   f"expects {cfg.embedding_dim}")
-        if self.config.num_threads is not None:
+        if isinstance(self.config.num_threads, int):
             torch.set_num_threads(self.config.num_threads)
         self._forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
             TracedDense(self.dense) if self.config.trace_dense else self.dense)
@@ -336,7 +341,10 @@ class InferenceSession:
                 self._mlp(dense, pooled.reshape(B, T, -1))
 
         return warm_tier(self.tier, names=self.table_names, pooling=self.config.pooling,
-                         validate=self.config.validate, num_threads=self.config.num_threads,
+                         validate=self.config.validate,
+                         # "auto" may run a batch on every core: compile the parallel kernels
+                         num_threads=None if self.config.num_threads == "auto"
+                         else self.config.num_threads,
                          weighted=weighted, batch_sizes=batch_sizes,
                          prefetch=self.config.prefetch if self.prefetcher is not None else None,
                          on_pooled=mlp)

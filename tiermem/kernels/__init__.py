@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numba
 
-__all__ = ["KernelCensus", "kernel_census", "max_threads", "threads"]
+__all__ = ["KernelCensus", "kernel_census", "max_threads", "resolve_threads", "threads"]
 
 #: the modules whose ``@njit`` functions make up tiermem's kernels
 _MODULES = ("dedupe", "jagged", "nextuse", "policies", "rowio", "sls", "validate")
@@ -52,13 +52,25 @@ def max_threads() -> int:
     return int(numba.config.NUMBA_NUM_THREADS)
 
 
+def resolve_threads(n: int | str | None) -> int | None:
+    """``n`` itself, or for ``"auto"`` the cores other processes leave idle now (at least
+    one, at most :func:`max_threads`; see :mod:`tiermem.cpu`)."""
+    if n == "auto":
+        from tiermem.cpu import free_cores
+
+        return free_cores().threads(cap=max_threads())
+    return n  # type: ignore[return-value]
+
+
 @contextmanager
-def threads(n: int | None) -> Iterator[None]:
-    """Run parallel kernels of the calling thread on ``n`` threads (None: unchanged).
+def threads(n: int | str | None) -> Iterator[None]:
+    """Run parallel kernels of the calling thread on ``n`` threads (None: unchanged;
+    ``"auto"``: :func:`resolve_threads`).
 
     Numba's thread count is per calling thread, so this is safe to use from
     several threads at once. ``n`` is capped at :func:`max_threads`.
     """
+    n = resolve_threads(n)
     if n is None:
         yield
         return

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+# Light imports only: ``--help``, ``--version`` and ``info`` must not pay for torch (seconds);
+# each command imports what it needs. tests/test_cli_startup.py holds this.
 from runtime.argtypes import nonneg_int as _nonneg_int
 from runtime.argtypes import positive_int as _positive_int
 from tiermem.errors import TierMemError
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="tiermem",
         description="CPU inference for DLRM-style models with tiered (DRAM/SSD/CXL) embeddings.")
+    from tiermem import __version__
+
+    ap.add_argument("--version", action="version", version=f"tiermem {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -121,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npz with 'dense' and 'sparse' (B, T) or 'values'+'offsets'/'lengths'")
     p.add_argument("--out", required=True, help="predictions file: .npy, .txt or .csv")
     p.add_argument("--layout", choices=["auto", "dlrm", "torchrec"], default="auto")
-    p.add_argument("--stats", action="store_true", help="print tier statistics as JSON")
+    p.add_argument("--stats", action="store_true",
+                   help="print tier statistics as JSON on stdout (the other lines go to stderr)")
     _add_tier_args(p)
     from runtime.distributed.plan_cli import add_shard_args
 
@@ -134,12 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_trace_commands(sub)
     add_replay_commands(sub)
     add_plan_commands(sub)
-    try:
-        from runtime.server import add_serve_commands
-    except ImportError:  # the [service] extra is not installed
-        pass
-    else:
-        add_serve_commands(sub)
+    from runtime.serve_cli import add_serve_commands
+
+    add_serve_commands(sub)
     return ap
 
 
@@ -196,7 +199,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         dense, sparse = load_batch(args.batch, sess.table_names)
         preds = sess.predict(dense, sparse)
         write_predictions(args.out, preds)
-        print(f"wrote {len(preds)} predictions to {args.out}")
+        # with --stats stdout is one JSON document (``| python -m json.tool``)
+        print(f"wrote {len(preds)} predictions to {args.out}",
+              file=sys.stderr if args.stats else sys.stdout)
         if args.stats:
             print(json.dumps(sess.stats, indent=2))
     return 0
@@ -207,18 +212,25 @@ _COMMANDS = {"demo": _cmd_demo, "create-store": _cmd_create_store, "info": _cmd_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The entry point: exit 2 with one line for bad input, 130 on Ctrl-C, never a traceback
+    for either (Ctrl-C during torch's import included)."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("tiermem: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: Sequence[str] | None) -> int:
     from runtime.distributed.plan_cli import PLAN_COMMANDS
+    from runtime.serve_cli import SERVE_COMMANDS
     from traces.cli import TRACE_COMMANDS
     from traces.replay_cli import REPLAY_COMMANDS
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {**_COMMANDS, **TRACE_COMMANDS, **REPLAY_COMMANDS, **PLAN_COMMANDS}
-    try:
-        from runtime.server import SERVE_COMMANDS
-    except ImportError:
-        SERVE_COMMANDS = {}
-    commands.update(SERVE_COMMANDS)
+    commands = {**_COMMANDS, **TRACE_COMMANDS, **REPLAY_COMMANDS, **PLAN_COMMANDS,
+                **SERVE_COMMANDS}
     try:
         return commands[args.command](args)
     except TierMemError as e:

@@ -79,6 +79,8 @@ from urllib.parse import parse_qs
 import numpy as np
 
 from runtime.batcher import BatcherClosed, DeadlineExceeded, Overloaded
+from runtime.serve_cli import DEFAULT_MAX_BODY_BYTES, SERVE_COMMANDS, add_serve_commands
+from runtime.serve_cli import configure_serve as _configure_serve
 from runtime.wire import (
     BINARY_TYPE,
     PREDICTIONS_TYPE,
@@ -86,8 +88,6 @@ from runtime.wire import (
     decode_request,
     encode_predictions,
 )
-from tiermem.cache.cache import parse_cache_size
-from tiermem.config import parse_bytes
 from tiermem.errors import ConfigError, InvalidBatchError, TierMemError
 from tiermem.features import SparseFeatures
 
@@ -100,7 +100,6 @@ if TYPE_CHECKING:
 __all__ = ["SERVE_COMMANDS", "add_serve_commands", "create_app", "main", "parse_json_body",
            "parse_npz_body"]
 
-DEFAULT_MAX_BODY_BYTES = 16 << 20
 NPZ_TYPES = ("application/x-npz", "application/npz", "application/octet-stream")
 
 
@@ -611,95 +610,7 @@ def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BOD
 
 # -- CLI ----------------------------------------------------------------------------------
 
-def _bytes(s: str) -> int:
-    try:
-        return parse_bytes(s)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _cache_size(s: str) -> dict[str, Any]:
-    """``10%`` or ``0.1`` (share of the tables), ``100000`` (rows), ``64MiB`` (bytes)."""
-    try:
-        return parse_cache_size(s)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}") from None
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
-    if not v >= 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
-    return v
-
-
-def _configure_serve(p: argparse.ArgumentParser) -> None:
-    from runtime.cli import _add_tier_args, _nonneg_int, _positive_int
-
-    p.add_argument("--model", required=True, help="checkpoint with the dense (MLP) weights")
-    p.add_argument("--store", required=True, help="store with the embedding tables")
-    p.add_argument("--layout", choices=["auto", "dlrm", "torchrec"], default="auto")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=_nonneg_int, default=8000,
-                   help="port (default 8000; 0 picks a free one)")
-    _add_tier_args(p)
-    from runtime.distributed.plan_cli import add_shard_args
-
-    add_shard_args(p)
-    c = p.add_argument_group("cache")
-    c.add_argument("--cache-size", type=_cache_size, default=None,
-                   help="DRAM row cache in front of an ssd/cxl tier: rows (100000), a fraction "
-                   "of the tables (0.1 or 10%%) or bytes (64MiB); default: no cache")
-    c.add_argument("--policy", default="lru",
-                   help="cache policy: lru, lfu, fifo, clock, s3fifo, static, hybrid")
-    c.add_argument("--prefetch-lookahead", type=_nonneg_int, default=0,
-                   help="lookahead prefetcher fed with queued requests (needs --cache-size; "
-                   "0 = off)")
-    b = p.add_argument_group("batching")
-    b.add_argument("--max-batch-size", type=_positive_int, default=2048,
-                   help="most samples merged into one predict (default 2048)")
-    b.add_argument("--max-delay-ms", type=_nonneg_float, default=2.0,
-                   help="longest a batch waits for more requests (default 2)")
-    b.add_argument("--max-queue", type=_positive_int, default=1024,
-                   help="most requests waiting (default 1024)")
-    b.add_argument("--max-queue-samples", type=_positive_int, default=65536,
-                   help="most samples waiting (default 65536)")
-    b.add_argument("--overload", choices=["reject", "wait"], default="reject",
-                   help="queue full: answer 503 at once (reject) or wait --wait-timeout-s")
-    b.add_argument("--wait-timeout-s", type=_nonneg_float, default=1.0)
-    b.add_argument("--default-deadline-ms", type=_positive_float, default=None,
-                   help="deadline of requests that give none (default: none)")
-    b.add_argument("--max-body-bytes", type=_bytes, default=DEFAULT_MAX_BODY_BYTES,
-                   help="largest request body (default 16MiB); larger ones get 413")
-    b.add_argument("--workers", type=_positive_int, default=1,
-                   help="batches run at once, each on its own thread (default 1); without "
-                   "--threads each worker gets cores / workers threads. On few cores "
-                   "'--workers 2' serves more queries/s; 1 has the lowest idle latency")
-    b.add_argument("--no-warmup", action="store_true", help="ready at once, no warm-up batch")
-    p.add_argument("--log-level", default="warning",
-                   choices=["critical", "error", "warning", "info", "debug"])
-
-
-def add_serve_commands(subparsers: Any) -> None:
-    """Add ``serve`` to the ``tiermem`` command's subparsers."""
-    p = subparsers.add_parser(
-        "serve", help="serve a model over HTTP (dynamic batching, /metrics)",
-        description="Serve a DLRM checkpoint + store over HTTP: POST /predict (JSON or npz), "
-        "GET /healthz, /readyz, /metrics. Binds 127.0.0.1 unless --host says otherwise.")
-    _configure_serve(p)
+# the options are in runtime/serve_cli.py (a light module: tiermem --help needs no numpy)
 
 
 def build_runtime(args: argparse.Namespace) -> ServingRuntime:
@@ -747,22 +658,37 @@ def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _bind(host: str, port: int) -> Any:
+    """The listening socket, bound before the model loads: a taken port fails in a moment."""
+    import errno
     import socket
 
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:
+        sock.close()
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        hint = (" (another process listens there: pick another --port, or --port 0 for a "
+                "free one)" if isinstance(e, OSError) and e.errno == errno.EADDRINUSE else "")
+        raise ConfigError(f"cannot bind {host}:{port}: {why}{hint}") from None
+    return sock
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``tiermem serve``: bind, load, warm up, serve until SIGINT/SIGTERM, drain."""
     import uvicorn
 
-    runtime = build_runtime(args)
+    sock = _bind(args.host, args.port)
+    try:
+        runtime = build_runtime(args)
+    except BaseException:
+        sock.close()
+        raise
     try:
         app = create_app(runtime, max_body_bytes=args.max_body_bytes)
-        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((args.host, args.port))
-        except OSError as e:
-            sock.close()
-            raise ConfigError(f"cannot bind {args.host}:{args.port}: {e}") from None
         host, port = sock.getsockname()[:2]
         config = uvicorn.Config(app, log_level=args.log_level, access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=30)
@@ -787,9 +713,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-SERVE_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"serve": _cmd_serve}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m runtime.server`` = ``tiermem serve``."""
     ap = argparse.ArgumentParser(prog="python -m runtime.server",
@@ -797,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_serve(ap)
     args = ap.parse_args(argv)
     try:
-        return _cmd_serve(args)
+        return SERVE_COMMANDS["serve"](args)
     except TierMemError as e:
         print(f"tiermem serve: error: {e}", file=sys.stderr)
         return 2

@@ -1,31 +1,61 @@
 """tiermem traces: formats, readers, a production-style generator, analysis and Belady's OPT."""
 
-from traces.formats import (
-    CriteoTrace,
-    MetaTrace,
-    NativeTrace,
-    OnError,
-    Trace,
-    TraceBatch,
-    TraceFormatError,
-    TraceWriter,
-    convert_trace,
-    open_trace,
-    rebatch,
-    write_trace,
-)
-from traces.opt import OptResult, belady, belady_curve, global_keys, next_use
-from traces.stats import TraceStats, analyze, format_stats, plot_stats, reuse_histogram
-from traces.synth import (
-    TABLE_PRESETS,
-    GeneratorConfig,
-    Pooling,
-    SyntheticTrace,
-    calibrate,
-    generate,
-    synthetic_batches,
-    zipf_ids,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from traces.formats import (
+        CriteoTrace,
+        MetaTrace,
+        NativeTrace,
+        OnError,
+        Trace,
+        TraceBatch,
+        TraceFormatError,
+        TraceWriter,
+        convert_trace,
+        open_trace,
+        rebatch,
+        write_trace,
+    )
+    from traces.opt import OptResult, belady, belady_curve, global_keys, next_use
+    from traces.stats import TraceStats, analyze, format_stats, plot_stats, reuse_histogram
+    from traces.synth import (
+        TABLE_PRESETS,
+        GeneratorConfig,
+        Pooling,
+        SyntheticTrace,
+        calibrate,
+        generate,
+        synthetic_batches,
+        zipf_ids,
+    )
+
+# loaded on first use, so that the ``tiermem`` command's parser needs none of them
+_LAZY = {
+    **dict.fromkeys(["CriteoTrace", "MetaTrace", "NativeTrace", "OnError", "Trace",
+                     "TraceBatch", "TraceFormatError", "TraceWriter", "convert_trace",
+                     "open_trace", "rebatch", "write_trace"], "traces.formats"),
+    **dict.fromkeys(["OptResult", "belady", "belady_curve", "global_keys", "next_use"],
+                     "traces.opt"),
+    **dict.fromkeys(["TraceStats", "analyze", "format_stats", "plot_stats", "reuse_histogram"],
+                     "traces.stats"),
+    **dict.fromkeys(["TABLE_PRESETS", "GeneratorConfig", "Pooling", "SyntheticTrace",
+                     "calibrate", "generate", "synthetic_batches", "zipf_ids"],
+                     "traces.synth"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'traces' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "TABLE_PRESETS",

@@ -3,16 +3,41 @@
 The planner needs numpy only; the sharded runtime needs the ``ray`` extra.
 """
 
-from runtime.distributed.plan import Piece, ShardPlan, load_plan
-from runtime.distributed.routing import Router
-from runtime.distributed.shard import EmbeddingShard
-from runtime.distributed.sharded import (
-    ShardedSession,
-    ShardError,
-    ShardOptions,
-    ShardTimeoutError,
-    ShardUnavailableError,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runtime.distributed.plan import Piece, ShardPlan, load_plan
+    from runtime.distributed.routing import Router
+    from runtime.distributed.shard import EmbeddingShard
+    from runtime.distributed.sharded import (
+        ShardedSession,
+        ShardError,
+        ShardOptions,
+        ShardTimeoutError,
+        ShardUnavailableError,
+    )
+
+# loaded on first use, so that ``tiermem plan`` / ``--help`` need neither torch nor ray
+_LAZY = {
+    "Piece": "runtime.distributed.plan", "ShardPlan": "runtime.distributed.plan",
+    "load_plan": "runtime.distributed.plan", "Router": "runtime.distributed.routing",
+    "EmbeddingShard": "runtime.distributed.shard",
+    **dict.fromkeys(["ShardedSession", "ShardError", "ShardOptions", "ShardTimeoutError",
+                     "ShardUnavailableError"], "runtime.distributed.sharded"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'runtime.distributed' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "EmbeddingShard",

@@ -215,6 +215,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 PLAN_COMMANDS = {"plan": cmd_plan}
 
+# planner.STRATEGIES, spelled out so that building the parser needs no numpy/numba
+# (tests/test_cli_startup.py checks that the two agree)
+STRATEGY_CHOICES = ("singular", "capacity", "load", "rowwise", "cost")
+
 
 def _nonneg_float(s: str) -> float:
     try:
@@ -228,7 +232,6 @@ def _nonneg_float(s: str) -> float:
 
 def add_plan_commands(subparsers: Any) -> None:
     """Register ``plan``."""
-    from runtime.distributed.planner import STRATEGIES
     from traces.cli import _add_source_args
 
     p = subparsers.add_parser(
@@ -257,7 +260,7 @@ def add_plan_commands(subparsers: Any) -> None:
     g.add_argument("--capacity", default=None,
                    help="bytes per shard ('2GiB', '1500000000') or a share of the store's bytes "
                         "('30%%', '0.3'); default: no limit")
-    g.add_argument("--strategy", choices=STRATEGIES, default="cost",
+    g.add_argument("--strategy", choices=STRATEGY_CHOICES, default="cost",
                    help="placement strategy (default cost)")
     g.add_argument("--out", default=None, metavar="PLAN.json",
                    help="write the plan here (atomically); default: print only")

@@ -1,0 +1,129 @@
+"""``tiermem serve``'s options, apart from the HTTP app in :mod:`runtime.server`.
+
+Building the ``tiermem`` parser (``--help`` of every verb) imports this module,
+not the serving stack: numpy, numba, torch and uvicorn load when ``serve`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import Any
+
+from runtime.argtypes import nonneg_int, port, positive_int
+from tiermem.config import parse_bytes
+from tiermem.errors import ConfigError
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "SERVE_COMMANDS", "add_serve_commands", "configure_serve"]
+
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+
+
+def _bytes(s: str) -> int:
+    try:
+        return parse_bytes(s)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _cache_size(s: str) -> dict[str, Any]:
+    """``10%`` or ``0.1`` (share of the tables), ``100000`` (rows), ``64MiB`` (bytes)."""
+    from tiermem.cache.cache import parse_cache_size  # numba: only when the option is given
+
+    try:
+        return parse_cache_size(s)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}") from None
+    if not v > 0 or not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
+    if not v >= 0 or not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    return v
+
+
+def configure_serve(p: argparse.ArgumentParser) -> None:
+    """The options of ``tiermem serve`` (and ``python -m runtime.server``)."""
+    from runtime.cli import _add_tier_args
+    from runtime.distributed.plan_cli import add_shard_args
+
+    p.add_argument("--model", required=True, help="checkpoint with the dense (MLP) weights")
+    p.add_argument("--store", required=True, help="store with the embedding tables")
+    p.add_argument("--layout", choices=["auto", "dlrm", "torchrec"], default="auto")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=port, default=8000,
+                   help="port, 0..65535 (default 8000; 0 picks a free one)")
+    _add_tier_args(p)
+    add_shard_args(p)
+    c = p.add_argument_group("cache")
+    c.add_argument("--cache-size", type=_cache_size, default=None,
+                   help="DRAM row cache in front of an ssd/cxl tier: rows (100000), a fraction "
+                   "of the tables (0.1 or 10%%) or bytes (64MiB); default: no cache")
+    c.add_argument("--policy", default="lru",
+                   help="cache policy: lru, lfu, fifo, clock, s3fifo, static, hybrid")
+    c.add_argument("--prefetch-lookahead", type=nonneg_int, default=0,
+                   help="lookahead prefetcher fed with queued requests (needs --cache-size; "
+                   "0 = off)")
+    b = p.add_argument_group("batching")
+    b.add_argument("--max-batch-size", type=positive_int, default=2048,
+                   help="most samples merged into one predict (default 2048)")
+    b.add_argument("--max-delay-ms", type=_nonneg_float, default=2.0,
+                   help="longest a batch waits for more requests (default 2)")
+    b.add_argument("--max-queue", type=positive_int, default=1024,
+                   help="most requests waiting (default 1024)")
+    b.add_argument("--max-queue-samples", type=positive_int, default=65536,
+                   help="most samples waiting (default 65536)")
+    b.add_argument("--overload", choices=["reject", "wait"], default="reject",
+                   help="queue full: answer 503 at once (reject) or wait --wait-timeout-s")
+    b.add_argument("--wait-timeout-s", type=_nonneg_float, default=1.0)
+    b.add_argument("--default-deadline-ms", type=_positive_float, default=None,
+                   help="deadline of requests that give none (default: none)")
+    b.add_argument("--max-body-bytes", type=_bytes, default=DEFAULT_MAX_BODY_BYTES,
+                   help="largest request body (default 16MiB); larger ones get 413")
+    b.add_argument("--workers", type=positive_int, default=1,
+                   help="batches run at once, each on its own thread (default 1); without "
+                   "--threads each worker gets cores / workers threads. On few cores "
+                   "'--workers 2' serves more queries/s; 1 has the lowest idle latency")
+    b.add_argument("--no-warmup", action="store_true", help="ready at once, no warm-up batch")
+    p.add_argument("--log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug"])
+
+
+def add_serve_commands(subparsers: Any) -> None:
+    """Add ``serve`` to the ``tiermem`` command's subparsers."""
+    p = subparsers.add_parser(
+        "serve", help="serve a model over HTTP (dynamic batching, /metrics)",
+        description="Serve a DLRM checkpoint + store over HTTP: POST /predict (JSON or npz), "
+        "GET /healthz, /readyz, /metrics. Binds 127.0.0.1 unless --host says otherwise. "
+        "Needs the [service] extra.")
+    configure_serve(p)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"tiermem serve needs the [service] extra (pip install -e "
+                          f"'.[service]'): {e}") from None
+    from runtime.server import serve
+
+    return serve(args)
+
+
+SERVE_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"serve": _cmd_serve}

@@ -175,3 +175,44 @@ def test_ctrl_c_while_torch_imports(tmp_path: Path, subprocess_env) -> None:
     assert proc.returncode == 130, "\n".join(messages)
     assert len(messages) == 1 and re.fullmatch(r"tiermem( predict)?: interrupted", messages[0]), \
         messages
+
+
+# one build per process: setuptools keeps state between the backend's calls
+_BUILD = """
+import json, sys, warnings, zipfile
+from setuptools import build_meta
+hook, out = sys.argv[1:]  # the backend rewrites sys.argv
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    built = getattr(build_meta, hook)(out)
+with zipfile.ZipFile(f"{out}/{built}") as z:
+    names = z.namelist()
+    pth = [z.read(n).decode() for n in names if n.endswith(".pth")]
+print(json.dumps({"warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
+                  "tops": sorted({n.split("/")[0] for n in names}), "pth": pth}))
+"""
+
+
+def test_install_builds_without_warnings(tmp_path: Path) -> None:
+    """What ``pip install -e .`` runs (the setuptools backend, on a copy of the project):
+    no warning at all (pip 26 shows each, ~50 lines), the editable wheel is a plain .pth
+    of the project root, and the wheel holds exactly the three packages."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / f, src / f)
+    for pkg in ("tiermem", "runtime", "traces"):
+        shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    got = {}
+    for hook in ("build_editable", "build_wheel"):
+        out = tmp_path / hook
+        out.mkdir()
+        p = subprocess.run([sys.executable, "-c", _BUILD, hook, str(out)], cwd=src,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        got[hook] = json.loads(p.stdout.splitlines()[-1])
+        assert got[hook]["warnings"] == [], hook
+    assert got["build_editable"]["pth"] == [f"{src.resolve()}\n"]
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert got["build_wheel"]["tops"] == sorted(["runtime", "tiermem", "traces",
+                                                 f"tiermem-{version}.dist-info"])

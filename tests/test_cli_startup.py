@@ -216,3 +216,18 @@ def test_install_builds_without_warnings(tmp_path: Path) -> None:
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert got["build_wheel"]["tops"] == sorted(["runtime", "tiermem", "traces",
                                                  f"tiermem-{version}.dist-info"])
+
+
+def test_readme_activates_the_venv_before_its_commands() -> None:
+    """`make demo` leaves `tiermem` in .venv/bin only: the README says to activate it before
+    the first bare `tiermem` / `python` / `pip` line, and no line mixes in `.venv/bin/`."""
+    text = (REPO / "README.md").read_text()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    code = [ln for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+            for ln in block.splitlines()]
+    activate = next(i for i, ln in enumerate(code)
+                    if ln.split("#")[0].strip() == ". .venv/bin/activate")
+    bare = [i for i, ln in enumerate(code) if re.match(r"(tiermem|python|pip) ", ln)]
+    assert bare and activate < bare[0]
+    assert not [ln for ln in code if ln.startswith(".venv/bin/")]
+    assert prose.index("`. .venv/bin/activate`") < prose.index("`tiermem ")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["nonneg_int", "port", "positive_int"]
+__all__ = ["nonneg_int", "port", "positive_int", "threads"]
 
 
 def _int(s: str, lo: int, what: str, hi: int | None = None) -> int:
@@ -30,3 +30,10 @@ def nonneg_int(s: str) -> int:
 def port(s: str) -> int:
     """A TCP port, 0..65535 (0: the system picks a free one)."""
     return _int(s, 0, "a port number 0..65535", hi=65535)
+
+
+def threads(s: str) -> int | str:
+    """``auto`` (the cores other processes leave idle, per batch) or an integer >= 1."""
+    if s.strip().lower() == "auto":
+        return "auto"
+    return _int(s, 1, "'auto' or a positive integer")

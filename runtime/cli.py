@@ -22,6 +22,7 @@ from typing import Any
 # each command imports what it needs. tests/test_cli_startup.py holds this.
 from runtime.argtypes import nonneg_int as _nonneg_int
 from runtime.argtypes import positive_int as _positive_int
+from runtime.argtypes import threads as _threads
 from tiermem.errors import TierMemError
 
 __all__ = ["main"]
@@ -51,8 +52,9 @@ def _add_tier_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("tier")
     g.add_argument("--tier", choices=["dram", "ssd", "cxl"], default="dram",
                    help="where embedding rows are read from (default: dram)")
-    g.add_argument("--threads", type=_positive_int, default=None,
-                   help="threads for the SLS kernels and torch (default: all cores)")
+    g.add_argument("--threads", type=_threads, default="auto",
+                   help="threads for the SLS kernels and torch: N, or auto (default: per "
+                        "batch, the cores other processes leave idle)")
     g.add_argument("--prefetch-distance", type=_nonneg_int, default=48,
                    help="software prefetch distance of the SLS kernel, lookups (0 = off; "
                         "default 48)")
@@ -93,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batches", type=_positive_int, default=20)
     d.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent of the ids")
     d.add_argument("--dtype", choices=["float32", "float16", "int8"], default="float32")
-    d.add_argument("--threads", type=_positive_int, default=None)
+    d.add_argument("--threads", type=_threads, default="auto",
+                   help="N, or auto (default: the cores other processes leave idle)")
 
     c = sub.add_parser("create-store", help="create a store: random tables or from a checkpoint",
                        description="Create a tiermem store (a zarr v3 group). Creation streams "
@@ -143,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     from runtime.serve_cli import add_serve_commands
 
     add_serve_commands(sub)
+    from runtime.warmup_cli import add_warmup_command
+
+    add_warmup_command(sub)
     return ap
 
 
@@ -207,8 +213,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_warmup(args: argparse.Namespace) -> int:
+    from runtime.warmup_cli import cmd_warmup
+
+    return cmd_warmup(args)
+
+
 _COMMANDS = {"demo": _cmd_demo, "create-store": _cmd_create_store, "info": _cmd_info,
-             "predict": _cmd_predict}
+             "predict": _cmd_predict, "warmup": _cmd_warmup}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

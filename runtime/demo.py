@@ -48,7 +48,7 @@ class DemoConfig:
     batches: int = 20
     alpha: float = 1.05
     dtype: str = "float32"
-    threads: int | None = None
+    threads: int | str | None = "auto"
     seed: int = 0
     cache_share: float = 0.1
 

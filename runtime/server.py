@@ -630,7 +630,7 @@ def build_runtime(args: argparse.Namespace) -> ServingRuntime:
 
         prefetch = PrefetchConfig(lookahead=args.prefetch_lookahead)
     threads = args.threads
-    if threads is None and args.workers > 1:
+    if threads == "auto" and args.workers > 1:  # the meter would give each worker every core
         threads = max(1, (os.cpu_count() or 1) // args.workers)
     cfg = RuntimeConfig(tier=_tier_config(args), num_threads=threads, cache=cache,
                         prefetch=prefetch)

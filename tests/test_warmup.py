@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import numpy as np
@@ -26,7 +27,7 @@ DIM = 8
 
 @pytest.fixture(scope="module", params=["float32", "int8"])
 def model(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp("warm")
+    d = tmp_path_factory.mktemp(f"warm-{request.param}")
     cfg = DLRMConfig(num_dense=5, embedding_dim=DIM, num_tables=len(ROWS), bottom_mlp=(11, DIM),
                      top_mlp=(9, 1), interaction="dlrm")
     rng = np.random.default_rng(3)
@@ -119,3 +120,50 @@ def test_warmup_keeps_a_warmed_cache(model):
         sess.tier.cold.stats.reset()
         sess.predict(dense, f)  # the same batch again: every row is still resident
         assert sess.tier.cold.stats.total().rows_read == 0
+
+
+def _warmup_then_fresh_process(model, python, env):
+    """`tiermem warmup --store S --model M` in one process; a second process then loads
+    every kernel its batches need from the on-disk cache and compiles none."""
+    path, store = model
+    r = subprocess.run([python, "-m", "runtime.cli", "warmup", "--store", str(store),
+                        "--model", str(path), "--tiers", "dram,ssd", "--json"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(r.stdout)
+    assert rep["compiled"] + rep["loaded_from_cache"] > 0
+    assert {x["setup"] for x in rep["runs"]} == {"dram", "ssd", "ssd+cache"}
+    code = ("import sys; from tiermem.kernels import kernel_census as k; "
+            "from tests.test_warmup import check_no_batch_compiles as c; "
+            "c(sys.argv[1], sys.argv[2], 'ssd+cache+prefetch'); "
+            "n = k(); print(n.compiled, n.loaded)")
+    r = subprocess.run([python, "-c", code, str(path), str(store)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    compiled, loaded = map(int, r.stdout.split()[-2:])
+    assert compiled == 0 and loaded > 0
+    return rep
+
+
+def test_warmup_command_then_a_fresh_process_compiles_nothing(model, python, subprocess_env):
+    if "int8" in str(model[1].parent):
+        pytest.skip("one dtype is enough in the default run (all: -m slow)")
+    _warmup_then_fresh_process(model, python, subprocess_env)
+
+
+@pytest.mark.slow
+def test_warmup_command_fills_an_empty_kernel_cache(model, python, subprocess_env, tmp_path):
+    """From an empty cache folder (a fresh install): warmup compiles, then nothing does."""
+    cache = tmp_path / "nbcache"
+    rep = _warmup_then_fresh_process(model, python,
+                                     {**subprocess_env, "NUMBA_CACHE_DIR": str(cache)})
+    assert rep["compiled"] > 0 and rep["kernel_cache"] == str(cache)
+
+
+def test_warmup_command_errors(python, subprocess_env):
+    r = subprocess.run([python, "-m", "runtime.cli", "warmup", "--model", "m.pt"],
+                       env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--model needs --store" in r.stderr
+    r = subprocess.run([python, "-m", "runtime.cli", "warmup", "--tiers", "dram,nvme"],
+                       env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "'nvme' is not one of" in r.stderr

@@ -29,7 +29,6 @@ from typing import Any
 
 from runtime.argtypes import nonneg_int as _nonneg_int
 from tiermem.errors import ConfigError
-from tiermem.features import SparseFeatures
 from traces.cli import _add_source_args, _open_source, _pos_int, add_progress_args, note, \
     show_progress
 
@@ -83,6 +82,7 @@ class _RenamedTrace:
         return len(self.trace)
 
     def __iter__(self) -> Any:
+        from tiermem.features import SparseFeatures
         from traces.formats import TraceBatch
 
         for b in self.trace:

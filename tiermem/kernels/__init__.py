@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numba
 
-__all__ = ["KernelCensus", "kernel_census", "max_threads", "resolve_threads", "threads"]
+__all__ = ["KernelCensus", "kernel_cache_dir", "kernel_census", "max_threads", "resolve_threads", "threads"]
 
 #: the modules whose ``@njit`` functions make up tiermem's kernels
 _MODULES = ("dedupe", "jagged", "nextuse", "policies", "rowio", "sls", "validate")
@@ -28,6 +28,16 @@ class KernelCensus:
     def since(self, before: KernelCensus) -> KernelCensus:
         return KernelCensus(self.signatures - before.signatures,
                             self.compiled - before.compiled, self.loaded - before.loaded)
+
+
+def kernel_cache_dir() -> str:
+    """Where Numba keeps the compiled kernels (``NUMBA_CACHE_DIR``, else ``__pycache__``
+    beside the kernels' sources)."""
+    import os
+
+    from numba.core.config import CACHE_DIR
+
+    return CACHE_DIR or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
 
 
 def kernel_census() -> KernelCensus:

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="row storage type; int8 is row-wise quantized (scale, bias per row)")
     c.add_argument("--seed", type=int, default=0, help="seed of random tables")
     c.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--no-progress", "--quiet", "-q", dest="no_progress", action="store_true",
+                   help="no progress bar (there is one only when stderr is a terminal)")
 
     i = sub.add_parser("info", help="show a store's tables, sizes and dtypes",
                        description="Validate a store and list its tables.")
@@ -164,15 +165,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_create_store(args: argparse.Namespace) -> int:
     from tiermem.format import create_random_store, table_specs
 
+    progress = not args.no_progress and sys.stderr.isatty()  # never a bar into a pipe
     if args.from_checkpoint:
         from runtime.convert import store_from_checkpoint
 
         info = store_from_checkpoint(args.from_checkpoint, args.out, layout=args.layout,
                                      dtype=args.dtype, overwrite=args.overwrite,
-                                     progress=not args.no_progress)
+                                     progress=progress)
     else:
         info = create_random_store(args.out, table_specs(args.random, args.dtype), seed=args.seed,
-                                   overwrite=args.overwrite, progress=not args.no_progress)
+                                   overwrite=args.overwrite, progress=progress)
     print(f"created {info.path}: {len(info.tables)} tables, {info.nbytes / 2**20:.1f} MiB")
     return 0
 

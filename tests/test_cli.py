@@ -108,9 +108,10 @@ def test_subcommand_help_in_process(capsys, cmd: str, needle: str) -> None:
 def test_create_store_random_and_info(tmp_path: Path, subprocess_env) -> None:
     out = tmp_path / "r.zarr"
     p = _run(["create-store", out, "--random", "t0:100:8,t1:50:4", "--dtype", "int8",
-              "--seed", "3", "--no-progress"], tmp_path, subprocess_env)
+              "--seed", "3"], tmp_path, subprocess_env)
     _ok(p)
     assert "created" in p.stdout and "2 tables" in p.stdout
+    assert "create-store:" not in p.stderr and "\r" not in p.stderr  # no bar into a pipe
     info, info_json = _run_many([["info", out], ["info", out, "--json"]], tmp_path,
                                 subprocess_env)
     _ok(info)

@@ -84,11 +84,13 @@ def raw_random_reads(paths: list[Path], n_reads: int, threads: int, seed: int,
         src = np.zeros(n_reads, np.int64)
         addr = dst.ctypes.data + np.arange(n_reads, dtype=np.int64) * 4096
         bounds = np.linspace(0, n_reads, threads + 1).astype(np.int64)
+        no_verify, no_sums = np.full(n_reads, -1, np.int64), np.zeros(1, np.uint64)
 
         def job(a: int, b: int) -> int:
             scratch = aligned_empty(3 * 4096)
             return int(pread_scatter(ext_fd, ext_off, size, u0, src, addr, size, scratch, a, b,
-                                     4096 if direct else 0))
+                                     4096 if direct else 0, no_verify, no_sums,
+                                     scratch.view(np.uint64)))
 
         job(0, 1)  # compile
         drop_cache(paths)

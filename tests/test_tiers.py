@@ -522,7 +522,8 @@ def test_ssd_truncated_after_open(tmp_path: Path) -> None:
     _make_store(path, chunk_rows=10)
     info = open_store(path)
     before = _decoded(path)
-    ssd = SsdTier(info, TierConfig(kind="ssd", io_threads=4))
+    # verify=False: with checksums the rows left in a cut block fail too (tests/test_integrity.py)
+    ssd = SsdTier(info, TierConfig(kind="ssd", io_threads=4, verify=False))
     try:
         chunk = info.table("f32_a").weight_chunk(2)  # rows 20..29
         with open(chunk, "r+b") as f:

@@ -106,6 +106,8 @@ class TierConfig:
     """CXL tier: link bandwidth, GB/s (1e9 bytes/s)."""
     cxl_outstanding: int = 16
     """CXL tier: accesses in flight (memory-level parallelism) the model assumes."""
+    verify: bool = True
+    """Check every block read against the store's checksums (tiermem/integrity.py)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", TierKind.parse(self.kind))
@@ -118,6 +120,8 @@ class TierConfig:
                 raise ConfigError(f"TierConfig.{name} must be an integer >= {lo}, got {v!r}")
         if not isinstance(self.direct_io, bool):
             raise ConfigError(f"TierConfig.direct_io must be a bool, got {self.direct_io!r}")
+        if not isinstance(self.verify, bool):
+            raise ConfigError(f"TierConfig.verify must be a bool, got {self.verify!r}")
         if self.prefetch_distance > 4096:
             raise ConfigError(f"TierConfig.prefetch_distance must be <= 4096, got "
                               f"{self.prefetch_distance}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "CapacityError",
     "ConfigError",
+    "CorruptBlockError",
     "InvalidBatchError",
     "StoreError",
     "StoreFormatError",
@@ -34,6 +35,14 @@ class StoreError(TierMemError):
 
 class StoreFormatError(StoreError, ValueError):
     """A store on disk is not a valid tiermem store (missing, truncated, foreign)."""
+
+
+class CorruptBlockError(StoreError):
+    """Stored bytes do not match their checksum; ``bad_blocks`` lists them."""
+
+    def __init__(self, message: str, bad_blocks: list | None = None) -> None:  # type: ignore[type-arg]
+        super().__init__(message)
+        self.bad_blocks = list(bad_blocks or [])
 
 
 class CapacityError(TierMemError, ValueError):

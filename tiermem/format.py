@@ -8,6 +8,8 @@ Layout (readable by plain ``zarr.open``)::
       tables/<name>/weight           (rows, dim) float32 | float16 | int8,
                                      chunks (chunk_rows, dim), no compression
       tables/<name>/qparams          (rows, 2) float32 (scale, bias), int8 tables only
+      tables/<name>/weight_sums      (n_chunks, blocks) uint64: a checksum per 4 KiB block of
+      tables/<name>/qparams_sums     each chunk file (version 2; see tiermem/integrity.py)
 
 Each chunk file holds ``chunk_rows`` raw little-endian rows, so row ``r`` of a
 table sits in chunk ``r // chunk_rows`` at byte ``(r % chunk_rows) * row_bytes``:
@@ -15,7 +17,9 @@ the SSD tier reads rows with ``pread`` at computed offsets.
 
 Creation streams blocks of rows into a temporary folder beside the target and
 renames it into place at the end; the ``tiermem`` attribute is written last.
-An interrupted creation therefore never leaves a valid store at the target.
+An interrupted creation therefore never leaves a valid store at the target;
+its hidden temporary folder (``.NAME.tmp-PID-*``) is removed by the next
+write to the same target once process PID is gone.
 Opening checks the metadata and the size of every chunk file, so a truncated
 or foreign file is an error at open, never a SIGBUS or garbage later.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import os
 import re
@@ -38,6 +43,8 @@ from typing import Any
 import numpy as np
 
 from tiermem.errors import ConfigError, StoreError, StoreFormatError
+from tiermem.integrity import BLOCK_BYTES, blocks_per_chunk, chunk_sums
+from tiermem.integrity import SCHEME as CHECKSUM_SCHEME
 from tiermem.quantize import RowDtype, encode_rows
 
 __all__ = [
@@ -54,7 +61,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "tiermem-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions this tiermem opens: 1 has no checksums (served "unverified")
+READ_VERSIONS = (1, 2)
 #: target bytes per chunk file; large enough that a table has few files.
 CHUNK_BYTES = 64 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
@@ -111,6 +120,34 @@ class TableInfo:
     row_offset: int = 0
     """Row 0 of this table is row ``row_offset`` of the array on disk: a window
     (a shard's row range) over a larger stored table; 0 for a whole table."""
+    weight_sums_dir: Path | None = None
+    """The block checksums of the weights (None: a version-1 store, unverified)."""
+    qparams_sums_dir: Path | None = None
+
+    @property
+    def verified(self) -> bool:
+        """Whether every chunk file of the table has block checksums."""
+        return self.weight_sums_dir is not None and (
+            self.qparams_dir is None or self.qparams_sums_dir is not None)
+
+    @functools.cached_property
+    def weight_sums(self) -> np.ndarray | None:
+        """``(n_chunks, blocks)`` checksums of the weight chunk files (loaded once)."""
+        from tiermem.integrity import blocks_per_chunk, load_sums
+
+        if self.weight_sums_dir is None:
+            return None
+        return load_sums(self.weight_sums_dir, self.n_chunks,
+                         blocks_per_chunk(self.chunk_rows * self.spec.row_bytes), self.first_chunk)
+
+    @functools.cached_property
+    def qparams_sums(self) -> np.ndarray | None:
+        from tiermem.integrity import blocks_per_chunk, load_sums
+
+        if self.qparams_sums_dir is None:
+            return None
+        return load_sums(self.qparams_sums_dir, self.n_chunks,
+                         blocks_per_chunk(self.chunk_rows * 8), self.first_chunk)
 
     @property
     def name(self) -> str:
@@ -141,6 +178,7 @@ class StoreInfo:
     path: Path
     tables: tuple[TableInfo, ...]
     attrs: Mapping[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
 
     @property
     def specs(self) -> list[TableSpec]:
@@ -153,6 +191,11 @@ class StoreInfo:
     @property
     def nbytes(self) -> int:
         return sum(t.spec.nbytes for t in self.tables)
+
+    @property
+    def verified(self) -> bool:
+        """Whether every block of the store has a checksum (False: a version-1 store)."""
+        return all(t.verified for t in self.tables)
 
     def table(self, name: str) -> TableInfo:
         for t in self.tables:
@@ -181,7 +224,7 @@ class StoreInfo:
             seen.add(new_name)
             spec = TableSpec(new_name, stop - start, t.spec.dim, t.spec.dtype)
             out.append(dataclasses.replace(t, spec=spec, row_offset=start))
-        return StoreInfo(self.path, tuple(out), self.attrs)
+        return StoreInfo(self.path, tuple(out), self.attrs, self.version)
 
     def read_table(self, name: str, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Read a row range of a table into memory (weights, qparams)."""
@@ -216,6 +259,12 @@ def _array_meta(shape: tuple[int, int], chunk_rows: int, dtype: np.dtype) -> dic
         "dimension_names": ["row", "col"],
         "storage_transformers": [],
     }
+
+
+def _sums_meta(rows: int, chunk_rows: int, row_bytes: int) -> dict[str, Any]:
+    """The checksum array of a data array: one row of block sums per chunk file."""
+    n_chunks = -(-rows // chunk_rows)
+    return _array_meta((n_chunks, blocks_per_chunk(chunk_rows * row_bytes)), 1, np.dtype(np.uint64))
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -257,7 +306,8 @@ class StoreWriter:
         self.overwrite = overwrite
         self.attrs = dict(attrs or {})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        clean_stale_temps(self.path)
+        self.tmp = temp_path(self.path)
         self.tmp.mkdir()
         self._chunk_rows = {s.name: chunk_rows or default_chunk_rows(s) for s in specs}
         self._written = dict.fromkeys(names, 0)
@@ -276,6 +326,10 @@ class StoreWriter:
             _write_json(base / "weight" / "zarr.json", _array_meta((s.rows, s.dim), cr, s.dtype.numpy))
             if s.dtype.quantized:
                 _write_json(base / "qparams" / "zarr.json", _array_meta((s.rows, 2), cr, np.float32))
+            for arr, rb in (("weight", s.row_bytes), ("qparams", 8)):
+                if arr == "qparams" and not s.dtype.quantized:
+                    continue
+                _write_json(base / f"{arr}_sums" / "zarr.json", _sums_meta(s.rows, cr, rb))
 
     # context manager: abort on error, commit on success
     def __enter__(self) -> StoreWriter:
@@ -315,11 +369,17 @@ class StoreWriter:
             q, qp = block, np.ascontiguousarray(qparams, dtype=np.float32)
             if qp.shape != (block.shape[0], 2):
                 raise ConfigError(f"table {name!r}: qparams must have shape ({block.shape[0]}, 2)")
+            if not np.isfinite(qp).all():
+                bad = int(np.flatnonzero(~np.isfinite(qp).all(axis=1))[0])
+                raise ConfigError(f"table {name!r}: row {self.rows_written(name) + bad} has "
+                                  "NaN or infinite qparams")
         else:
             if block.dtype.kind not in "fiu":
                 raise ConfigError(f"table {name!r}: rows must be numeric, got dtype {block.dtype}")
             if block.dtype.kind == "f" and not np.isfinite(block).all():
-                raise ConfigError(f"table {name!r}: rows contain NaN or infinity")
+                bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+                raise ConfigError(f"table {name!r}: row {self.rows_written(name) + bad} holds "
+                                  "NaN or infinity (a store holds finite rows only)")
             if s.dtype is RowDtype.FLOAT16 and block.size and np.abs(block).max() > 65504:
                 raise ConfigError(f"table {name!r}: values beyond +-65504 do not fit float16 "
                                   f"(max |x| = {float(np.abs(block).max()):g})")
@@ -353,11 +413,14 @@ class StoreWriter:
             i = self._chunk_index[name]
             base = self.tmp / "tables" / name
             self._write_chunk(base / "weight" / "c" / str(i) / "0", w)
+            self._write_chunk(base / "weight_sums" / "c" / str(i) / "0", chunk_sums(w)[None])
             if s.dtype.quantized:
                 q = np.concatenate(qs) if len(qs) > 1 else qs[0]
                 if take < cr:
                     q = np.concatenate([q, np.zeros((cr - take, 2), np.float32)])
                 self._write_chunk(base / "qparams" / "c" / str(i) / "0", q)
+                self._write_chunk(base / "qparams_sums" / "c" / str(i) / "0",
+                                  chunk_sums(q)[None])
             self._chunk_index[name] = i + 1
             self._written[name] += take
             self._pending_rows[name] -= take
@@ -386,6 +449,7 @@ class StoreWriter:
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
+            "checksum": {"scheme": CHECKSUM_SCHEME, "block_bytes": BLOCK_BYTES},
             "tables": [{**s.to_dict(), "chunk_rows": self._chunk_rows[s.name]} for s in self.specs],
             "attrs": self.attrs,
         }
@@ -394,7 +458,7 @@ class StoreWriter:
                     {"zarr_format": 3, "node_type": "group", "attributes": {"tiermem": meta}})
         old = None
         if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{uuid.uuid4().hex[:8]}")
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.replace(self.path, old)
         os.replace(self.tmp, self.path)
         _fsync_dir(self.path.parent)
@@ -410,6 +474,43 @@ class StoreWriter:
         """Drop the temporary folder; the target is untouched."""
         self._done = True
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def temp_path(target: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling of ``target`` for a write in progress, named after this process."""
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's live process (or a pid we cannot judge): keep
+    return True
+
+
+def clean_stale_temps(target: Path) -> list[Path]:
+    """Remove what interrupted writes of ``target`` left (``.NAME.tmp-PID-*``, ``.NAME.old-PID-*``)
+    whose process is gone; a live writer's folder is kept. Returns the removed paths."""
+    removed = []
+    pat = re.compile(rf"^\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)-[0-9a-f]+$")
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for e in entries:
+        m = pat.match(e.name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        p = Path(e.path)
+        if e.is_dir(follow_symlinks=False):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -581,23 +682,36 @@ def _file_kind(mode: int) -> str:
     return "not a file"
 
 
-def _check_chunks(dir_: Path, n_chunks: int, chunk_bytes: int) -> None:
+def _check_chunks(dir_: Path, n_chunks: int, chunk_bytes: int, real_root: str | None = None,
+                  what: str = "chunk file") -> None:
+    inside = None if real_root is None else real_root.rstrip(os.sep) + os.sep
     for i in range(n_chunks):
         p = dir_ / "c" / str(i) / "0"
         try:
             st = p.stat()
         except FileNotFoundError:
-            raise StoreFormatError(f"chunk file {p} is missing") from None
+            raise StoreFormatError(f"{what} {p} is missing") from None
         except OSError as e:
-            raise StoreFormatError(f"chunk file {p} cannot be read: {_why(e)}") from None
+            raise StoreFormatError(f"{what} {p} cannot be read: {_why(e)}") from None
         if not stat.S_ISREG(st.st_mode):  # a folder's st_size may equal the chunk's size
-            raise StoreFormatError(f"chunk file {p} is not a regular file "
+            raise StoreFormatError(f"{what} {p} is not a regular file "
                                    f"({_file_kind(st.st_mode)})")
         size = st.st_size
         if size != chunk_bytes:
             raise StoreFormatError(
-                f"chunk file {p} has {size} bytes, expected {chunk_bytes} (truncated or foreign)"
+                f"{what} {p} has {size} bytes, expected {chunk_bytes} (truncated or foreign)"
             )
+        if inside is not None and (os.path.islink(p) or os.path.islink(p.parent)
+                                   or os.path.islink(p.parent.parent)):
+            real = os.path.realpath(p)
+            if not real.startswith(inside):
+                raise StoreFormatError(f"{what} {p} resolves outside the store (to {real}): "
+                                       "a store's files must lie inside it")
+    if inside is not None:  # a table's folders themselves may be links
+        real = os.path.realpath(dir_)
+        if not (real + os.sep).startswith(inside):
+            raise StoreFormatError(f"{dir_} resolves outside the store (to {real}): "
+                                   "a store's files must lie inside it")
 
 
 def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> StoreInfo:
@@ -620,9 +734,16 @@ def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> St
             f"{root} is not a tiermem store (no complete 'tiermem' attribute: foreign group,"
             " or an interrupted creation)"
         )
-    if meta.get("version") != FORMAT_VERSION:
-        raise StoreFormatError(f"{root}: store format version {meta.get('version')!r} is not "
-                               f"supported (this tiermem reads version {FORMAT_VERSION})")
+    version = meta.get("version")
+    if version not in READ_VERSIONS:
+        raise StoreFormatError(f"{root}: store format version {version!r} is not supported "
+                               f"(this tiermem reads versions {', '.join(map(str, READ_VERSIONS))})")
+    checked = version >= 2
+    if checked and meta.get("checksum") != {"scheme": CHECKSUM_SCHEME, "block_bytes": BLOCK_BYTES}:
+        raise StoreFormatError(f"{root}: checksum scheme {meta.get('checksum')!r} is not "
+                               f"supported (this tiermem checks {CHECKSUM_SCHEME!r} per "
+                               f"{BLOCK_BYTES}-byte block)")
+    real_root = os.path.realpath(root)
     tables_meta = meta.get("tables")
     if not isinstance(tables_meta, list) or not tables_meta:
         raise StoreFormatError(f"{root}: metadata lists no tables")
@@ -649,13 +770,47 @@ def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> St
             qdir = root / "tables" / spec.name / "qparams"
             _check_array(_load_json(qdir / "zarr.json", f"table {spec.name!r} qparams"), qdir,
                          (spec.rows, 2), chunk_rows, np.dtype(np.float32))
-        info = TableInfo(spec, chunk_rows, wdir, qdir)
+        sums: dict[str, Path | None] = {"weight": None, "qparams": None}
+        for arr, rb in (("weight", spec.row_bytes), ("qparams", 8)):
+            if checked and (arr == "weight" or qdir is not None):
+                sdir = root / "tables" / spec.name / f"{arr}_sums"
+                sm = _sums_meta(spec.rows, chunk_rows, rb)
+                _check_array(_load_json(sdir / "zarr.json", f"table {spec.name!r} {arr} checksums"),
+                             sdir, tuple(sm["shape"]), 1, np.dtype(np.uint64))
+                sums[arr] = sdir
+        info = TableInfo(spec, chunk_rows, wdir, qdir, weight_sums_dir=sums["weight"],
+                         qparams_sums_dir=sums["qparams"])
         if check_chunks:
-            _check_chunks(wdir, info.n_chunks, chunk_rows * spec.row_bytes)
+            _check_declared_size(root, spec, chunk_rows)
+            _check_chunks(wdir, info.n_chunks, chunk_rows * spec.row_bytes, real_root)
             if qdir is not None:
-                _check_chunks(qdir, info.n_chunks, chunk_rows * 8)
+                _check_chunks(qdir, info.n_chunks, chunk_rows * 8, real_root)
+            for arr, rb in (("weight", spec.row_bytes), ("qparams", 8)):
+                if sums[arr] is not None:
+                    _check_chunks(sums[arr], info.n_chunks, 8 * blocks_per_chunk(chunk_rows * rb),
+                                  real_root, what="checksum file")
         infos.append(info)
-    return StoreInfo(root, tuple(infos), meta.get("attrs", {}))
+    return StoreInfo(root, tuple(infos), meta.get("attrs", {}), version=int(version))
+
+
+def _check_declared_size(root: Path, spec: TableSpec, chunk_rows: int) -> None:
+    """Refuse metadata that claims more bytes than the store's file system holds.
+
+    Checked before any file is listed: a table of 10**11 rows would otherwise
+    be a million stat calls, or a huge allocation later.
+    """
+    try:
+        st = os.statvfs(root)
+        fs_bytes = st.f_blocks * st.f_frsize
+    except (OSError, AttributeError):
+        return
+    n_chunks = -(-spec.rows // chunk_rows)
+    declared = n_chunks * chunk_rows * spec.row_bytes
+    if fs_bytes and declared > fs_bytes:
+        raise StoreFormatError(
+            f"{root}: table {spec.name!r} declares {spec.rows:,} rows x {spec.row_bytes} bytes "
+            f"({declared / 2**30:,.1f} GiB), more than its file system holds "
+            f"({fs_bytes / 2**30:,.1f} GiB): the metadata is wrong")
 
 
 def read_rows_into(t: TableInfo, start: int, stop: int, w: np.ndarray,

@@ -5,6 +5,13 @@ hold no GIL, so many Python I/O threads keep tens of reads in flight (one
 blocking reader gets ~14K random 4 KiB reads/s here; ~64 in flight reach the
 device's ~140K/s). Nearby rows of the same chunk file are merged into one
 read (an *extent*) when the gap between them is small.
+
+Integrity: every 4 KiB block of a chunk file has a 64-bit checksum
+(:func:`block_hash`, "tmh64": 8 lanes of a multiply-rotate round over 64-bit
+words, folded and finalized; any change confined to one 8-byte word is always
+detected, others with probability 1 - 2**-64). With checksums, the SSD reads
+are widened to whole blocks and each block is checked inside the same GIL-free
+call, right after its ``pread`` (:func:`pread_scatter`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,13 @@ import numpy as np
 from numba import njit, types
 
 from tiermem.kernels._flags import SERIAL
+
+#: bytes covered by one checksum
+BLOCK_BYTES = 4096
+_P1 = np.uint64(0xC2B2AE3D27D4EB4F)
+_P2 = np.uint64(0x9E3779B97F4A7C15)
+_P3 = np.uint64(0xFF51AFD7ED558CCD)
+_P4 = np.uint64(0xC4CEB9FE1A85EC53)
 
 # libc's pread and memcpy, bound by symbol name at link time (not by a ctypes pointer
 # baked into the code), so the kernels that call them are cached across processes like
@@ -92,7 +106,7 @@ def _pread_full(fd, addr, nbytes, offset):  # type: ignore[no-untyped-def]
 
 @njit(**SERIAL)
 def pread_scatter(ext_fd, ext_off, ext_len, ext_u0, row_src, row_dst, row_nb, scratch,  # type: ignore[no-untyped-def]
-                  e_start, e_stop, align):
+                  e_start, e_stop, align, ext_sum0, sums, scratch64):
     """Read extents ``[e_start, e_stop)`` of a whole batch's plan; rows land at their addresses.
 
     One plan covers every table and file of a batch: extent ``e`` reads
@@ -103,7 +117,11 @@ def pread_scatter(ext_fd, ext_off, ext_len, ext_u0, row_src, row_dst, row_nb, sc
     fills its extent is read straight to its address; otherwise the extent
     goes through ``scratch`` (``align``-aligned, at least the largest extent
     plus ``2 * align``). With ``align > 0`` (O_DIRECT) reads are widened to
-    ``align`` boundaries. Returns -1, or the first extent that failed.
+    ``align`` boundaries. An extent with ``ext_sum0[e] >= 0`` is verified:
+    widened to whole :data:`BLOCK_BYTES` blocks (like O_DIRECT), and block
+    ``k`` of its file must hash to ``sums[ext_sum0[e] + k]`` (``scratch64``
+    is ``scratch`` as uint64). Returns -1, the first extent whose read
+    failed, or ``-2 - e`` for the first extent holding a corrupt block.
     """
     scr = scratch.ctypes.data
     for e in range(e_start, e_stop):
@@ -112,6 +130,20 @@ def pread_scatter(ext_fd, ext_off, ext_len, ext_u0, row_src, row_dst, row_nb, sc
         nb = ext_len[e]
         a = ext_u0[e]
         b = ext_u0[e + 1]
+        s0 = ext_sum0[e]
+        if s0 >= 0:
+            lead = off % BLOCK_BYTES
+            span = ((lead + nb + BLOCK_BYTES - 1) // BLOCK_BYTES) * BLOCK_BYTES
+            got = _pread_full(fd, scr, span, off - lead)
+            if got < lead + nb:
+                return e
+            # a short read ends at the end of the file: its last block is short
+            if first_bad_block(scratch64, scratch, got, sums,
+                               s0 + (off - lead) // BLOCK_BYTES) >= 0:
+                return -2 - e
+            for u in range(a, b):
+                _memcpy(row_dst[u], scr + lead + row_src[u], row_nb[u])
+            continue
         if align == 0 and b - a == 1 and row_nb[a] == nb:
             if _pread_full(fd, row_dst[a], nb, off) != nb:
                 return e
@@ -127,4 +159,87 @@ def pread_scatter(ext_fd, ext_off, ext_len, ext_u0, row_src, row_dst, row_nb, sc
             return e
         for u in range(a, b):
             _memcpy(row_dst[u], scr + lead + row_src[u], row_nb[u])
+    return -1
+
+
+@njit(**SERIAL, inline="always")
+def _round(acc, word):  # type: ignore[no-untyped-def]
+    x = (acc ^ word) * _P1
+    return (x << np.uint64(31)) | (x >> np.uint64(33))
+
+
+@njit(**SERIAL)
+def block_hash(b64, b8, off, nbytes):  # type: ignore[no-untyped-def]
+    """The "tmh64" checksum of the ``nbytes`` bytes at byte ``off`` of a buffer.
+
+    ``b8`` is the buffer as uint8 and ``b64`` the same memory as uint64
+    (``off`` a multiple of 8). Eight lanes make the rounds independent
+    (~10 GB/s); every round and the fold are bijective in the word and in the
+    lane, so one changed word always changes the sum. The length is mixed in, so a
+    block cut short never matches.
+    """
+    a0 = _P2
+    a1 = np.uint64(2) * _P2
+    a2 = np.uint64(3) * _P2
+    a3 = np.uint64(4) * _P2
+    a4 = np.uint64(5) * _P2
+    a5 = np.uint64(6) * _P2
+    a6 = np.uint64(7) * _P2
+    a7 = np.uint64(8) * _P2
+    w0 = off // 8
+    n_words = nbytes // 8
+    n_stripes = n_words // 8
+    for j in range(n_stripes):
+        p = w0 + j * 8
+        a0 = _round(a0, b64[p])
+        a1 = _round(a1, b64[p + 1])
+        a2 = _round(a2, b64[p + 2])
+        a3 = _round(a3, b64[p + 3])
+        a4 = _round(a4, b64[p + 4])
+        a5 = _round(a5, b64[p + 5])
+        a6 = _round(a6, b64[p + 6])
+        a7 = _round(a7, b64[p + 7])
+    h = np.uint64(nbytes) * _P2
+    h = (h ^ a0) * _P2
+    h = (h ^ a1) * _P2
+    h = (h ^ a2) * _P2
+    h = (h ^ a3) * _P2
+    h = (h ^ a4) * _P2
+    h = (h ^ a5) * _P2
+    h = (h ^ a6) * _P2
+    h = (h ^ a7) * _P2
+    for k in range(n_stripes * 8, n_words):  # words after the last full stripe
+        h = _round(h, b64[w0 + k])
+    rest = nbytes - n_words * 8
+    if rest:  # the last 1..7 bytes, as one little-endian word
+        t = np.uint64(0)
+        q = off + n_words * 8
+        for k in range(rest):
+            t |= np.uint64(b8[q + k]) << np.uint64(8 * k)
+        h = _round(h, t)
+    h ^= h >> np.uint64(33)
+    h *= _P3
+    h ^= h >> np.uint64(33)
+    h *= _P4
+    h ^= h >> np.uint64(33)
+    return h
+
+
+@njit(**SERIAL)
+def block_hashes(b64, b8, nbytes, out):  # type: ignore[no-untyped-def]
+    """Checksums of the blocks of the first ``nbytes`` bytes (the last block may be short)."""
+    n = (nbytes + BLOCK_BYTES - 1) // BLOCK_BYTES
+    for k in range(n):
+        out[k] = block_hash(b64, b8, k * BLOCK_BYTES, min(BLOCK_BYTES, nbytes - k * BLOCK_BYTES))
+    return n
+
+
+@njit(**SERIAL)
+def first_bad_block(b64, b8, nbytes, sums, s0):  # type: ignore[no-untyped-def]
+    """The first block of the buffer whose checksum is not ``sums[s0 + k]``, or -1."""
+    n = (nbytes + BLOCK_BYTES - 1) // BLOCK_BYTES
+    for k in range(n):
+        h = block_hash(b64, b8, k * BLOCK_BYTES, min(BLOCK_BYTES, nbytes - k * BLOCK_BYTES))
+        if s0 + k >= sums.size or h != sums[s0 + k]:
+            return k
     return -1

@@ -2,16 +2,51 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from tiermem.config import PoolingMode, TierConfig, TierKind
+from tiermem.errors import CapacityError, CorruptBlockError
 from tiermem.features import SparseFeatures
 from tiermem.format import StoreInfo, read_rows_into
+from tiermem.integrity import verify_loaded
 from tiermem.quantize import RowDtype
 from tiermem.stats import TableStats
 from tiermem.tiers.base import Tier
 
-__all__ = ["DramTier"]
+__all__ = ["DramTier", "check_finite"]
+
+
+def _mem_total() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _check_fits(store: StoreInfo, need: int) -> None:
+    """Refuse tables larger than the machine's memory in one line (not numpy's traceback)."""
+    total = _mem_total()
+    if total and need > total:
+        raise CapacityError(f"the tables of {store.path} need {need / 2**30:,.2f} GiB of DRAM, "
+                            f"more than this machine has ({total / 2**30:,.2f} GiB): serve them "
+                            "from the SSD tier (--tier ssd)")
+
+
+def check_finite(name: str, w: np.ndarray, q: np.ndarray | None, block_rows: int = 1 << 16) -> None:
+    """Refuse a table holding a NaN or infinite row (stores without checksums only)."""
+    for arr in (w, q):
+        if arr is None or arr.dtype.kind != "f":
+            continue
+        for r0 in range(0, arr.shape[0], block_rows):
+            part = arr[r0:r0 + block_rows]
+            if not np.isfinite(part).all():
+                bad = r0 + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
+                what = "qparams" if arr is q else "row"
+                raise CorruptBlockError(f"table {name!r}: {what} {bad} holds NaN or infinity "
+                                        "(a store without checksums, written by an older "
+                                        "tiermem or edited): refused")
 
 
 class DramTier(Tier):
@@ -35,10 +70,17 @@ class DramTier(Tier):
             self.row_base[i] = sizes.get(key, 0)
             sizes[key] = sizes.get(key, 0) + t.spec.rows
             self._arena_of.append(key)
-        self.arenas: dict[tuple[RowDtype, int], np.ndarray] = {
-            k: np.empty((n, k[1]), k[0].numpy) for k, n in sizes.items()}
-        self.qparams: dict[tuple[RowDtype, int], np.ndarray] = {
-            k: np.empty((n, 2), np.float32) for k, n in sizes.items() if k[0].quantized}
+        need = sum(n * k[0].row_bytes(k[1]) + (8 * n if k[0].quantized else 0)
+                   for k, n in sizes.items())
+        _check_fits(store, need)
+        try:
+            self.arenas: dict[tuple[RowDtype, int], np.ndarray] = {
+                k: np.empty((n, k[1]), k[0].numpy) for k, n in sizes.items()}
+            self.qparams: dict[tuple[RowDtype, int], np.ndarray] = {
+                k: np.empty((n, 2), np.float32) for k, n in sizes.items() if k[0].quantized}
+        except MemoryError:
+            raise CapacityError(f"the DRAM tier cannot allocate {need / 2**30:,.2f} GiB for the "
+                                f"tables of {store.path}") from None
         from tqdm.auto import tqdm
 
         with tqdm(total=store.nbytes, unit="B", unit_scale=True, desc="load tables",
@@ -49,6 +91,11 @@ class DramTier(Tier):
                 w = self.arenas[key][r0:r0 + t.spec.rows]
                 q = self.qparams[key][r0:r0 + t.spec.rows] if key in self.qparams else None
                 read_rows_into(t, 0, t.spec.rows, w, q, on_bytes=bar.update)
+                if t.verified:
+                    if self.config.verify:
+                        verify_loaded(t, 0, t.spec.rows, w, q)
+                else:  # a version-1 store: no checksums, but never a non-finite row
+                    check_finite(t.name, w, q)
 
     @property
     def nbytes(self) -> int:

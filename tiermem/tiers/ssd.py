@@ -11,6 +11,11 @@ read-ahead, every random 4 KiB read would pull in more pages than it needs.
 With ``TierConfig.direct_io`` they are opened ``O_DIRECT``: reads bypass the
 page cache (widened to 4 KiB blocks), so DRAM use stays what the runtime
 allocates, the honest setting for a table larger than memory.
+
+With checksums (``TierConfig.verify``, the default, on a version-2 store)
+every read is widened to whole 4 KiB blocks and each block is hashed in the
+read kernel right after its ``pread``: a corrupt block fails the batch with a
+:class:`~tiermem.errors.CorruptBlockError`, its rows are never pooled.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 
 from tiermem.config import PoolingMode, TierConfig, TierKind
 from tiermem.errors import InvalidBatchError, StoreError
+from tiermem.integrity import BLOCK_BYTES, bad_block, corrupt_error
 from tiermem.features import SparseFeatures
 from tiermem.format import StoreInfo, TableInfo
 from tiermem.kernels.rowio import dedupe_sorted, plan_extents, pread_scatter
@@ -123,10 +129,30 @@ class SsdTier(Tier):
             for f in self._files:
                 f.close()
             raise
+        self._sum0: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._sums = self._gather_sums()
         self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="tiermem-io")
         self._bg_pool = ThreadPoolExecutor(self.config.background_io_threads,
                                            thread_name_prefix="tiermem-io-bg")
         self._scratch = threading.local()
+
+    def _gather_sums(self) -> np.ndarray:
+        """All tables' block checksums in one array; per table and file, where its sums start
+        (-1: not verified, ``verify=False`` or a store without checksums)."""
+        parts = []
+        n = 0
+        for t, f in zip(self.tables, self._files, strict=True):
+            w0 = np.full(t.n_chunks, -1, np.int64)
+            q0 = np.full(t.n_chunks, -1, np.int64) if f.qparams is not None else None
+            if self.config.verify and t.verified:
+                for sums, base in ((t.weight_sums, w0), (t.qparams_sums, q0)):
+                    if base is None or sums is None:
+                        continue
+                    base[:] = n + np.arange(t.n_chunks) * sums.shape[1]
+                    parts.append(sums.reshape(-1))
+                    n += sums.size
+            self._sum0.append((w0, q0))
+        return np.concatenate(parts) if parts else np.zeros(1, np.uint64)
 
     # -- reading rows ----------------------------------------------------------
     def _scratch_buf(self) -> np.ndarray:
@@ -141,9 +167,11 @@ class SsdTier(Tier):
 
     def _read_job(self, plan: tuple[np.ndarray, ...], e0: int, e1: int) -> int:
         """Read extents ``[e0, e1)`` of a batch plan (one nogil call); -1 or the failed extent."""
-        fd, off, ln, u0, src, dst, nb = plan
-        return int(pread_scatter(fd, off, ln, u0, src, dst, nb, self._scratch_buf(), e0, e1,
-                                 _ALIGN if self.config.direct_io else 0))
+        fd, off, ln, u0, src, dst, nb, sum0 = plan
+        scratch = self._scratch_buf()
+        return int(pread_scatter(fd, off, ln, u0, src, dst, nb, scratch, e0, e1,
+                                 _ALIGN if self.config.direct_io else 0, sum0, self._sums,
+                                 scratch.view(np.uint64)))
 
     def _plan(self, jobs: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None,
                                         np.ndarray | None]]
@@ -158,7 +186,7 @@ class SsdTier(Tier):
         bytes, first extent)`` for the counters and the error message.
         """
         c = self.config
-        parts: list[list[np.ndarray]] = [[] for _ in range(7)]
+        parts: list[list[np.ndarray]] = [[] for _ in range(8)]
         meta = []
         e_total = 0
         u_total = 0
@@ -169,10 +197,11 @@ class SsdTier(Tier):
             if t.row_offset:  # a window over a larger table: file rows are shifted
                 rows = rows + t.row_offset
             files = self._files[i]
-            targets = [(files.weight, t.spec.row_bytes, w_dst)]
+            w_sum0, q_sum0 = self._sum0[i]
+            targets = [(files.weight, t.spec.row_bytes, w_dst, w_sum0)]
             if files.qparams is not None and q_dst is not None:
-                targets.append((files.qparams, 8, q_dst))
-            for fds, rb, dst in targets:
+                targets.append((files.qparams, 8, q_dst, q_sum0))
+            for fds, rb, dst, sum0 in targets:
                 chunk, first, nrows, u0 = plan_extents(rows, t.chunk_rows, rb,
                                                        c.coalesce_gap_bytes, c.max_read_bytes)
                 n_ext = chunk.size
@@ -193,14 +222,15 @@ class SsdTier(Tier):
                 parts[4].append(src)
                 parts[5].append(dst.ctypes.data + where.astype(np.int64) * dst.strides[0])
                 parts[6].append(np.full(rows.size, rb, np.int64))
+                parts[7].append(sum0[chunk])
                 meta.append((i, n_ext, int(nrows.sum()) * rb, e_total))
                 e_total += n_ext
                 u_total += rows.size
         if not meta:
-            return tuple(np.zeros(0, np.int64) for _ in range(7)), []
-        fd, off, ln, u0, src, dst, nb = (np.concatenate(p) for p in parts)
+            return tuple(np.zeros(0, np.int64) for _ in range(8)), []
+        fd, off, ln, u0, src, dst, nb, sum0 = (np.concatenate(p) for p in parts)
         u0 = np.append(u0, u_total)
-        return (fd, off, ln, u0, src, dst, nb), meta
+        return (fd, off, ln, u0, src, dst, nb, sum0), meta
 
     def _read_sorted(self, jobs: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None,
                                                 np.ndarray | None]],
@@ -234,6 +264,9 @@ class SsdTier(Tier):
                 futures = [pool.submit(self._read_job, plan, int(a), int(b))
                            for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
                 bad = [f.result() for f in futures]
+            corrupt = [-2 - x for x in bad if x <= -2]
+            if corrupt:
+                raise self._corrupt(plan, meta, min(corrupt))
             failed = [x for x in bad if x >= 0]
             if failed:
                 e = min(failed)
@@ -257,6 +290,30 @@ class SsdTier(Tier):
                 st.read_ops += n
                 st.bytes_read += nbytes
                 st.read_seconds += dt * n / total_ops
+
+    def _corrupt(self, plan: tuple[np.ndarray, ...], meta: list[tuple[int, int, int, int]],
+                 e: int) -> StoreError:
+        """The error for extent ``e`` of a plan, which holds a block failing its checksum:
+        the blocks are hashed again here (rare path) to name the bad one."""
+        from tiermem.integrity import chunk_sums
+
+        i = max((m for m in meta if m[3] <= e), key=lambda m: m[3])[0]
+        t, f = self.tables[i], self._files[i]
+        fd = int(plan[0][e])
+        is_w = bool((f.weight == fd).any())
+        chunk = int(np.flatnonzero((f.weight if is_w else f.qparams) == fd)[0])
+        sums = t.weight_sums if is_w else t.qparams_sums
+        path = t.weight_chunk(chunk) if is_w else t.qparams_chunk(chunk)
+        k0 = int(plan[1][e]) // BLOCK_BYTES
+        k1 = -(-(int(plan[1][e]) + int(plan[2][e])) // BLOCK_BYTES)
+        with open(path, "rb") as fh:
+            fh.seek(k0 * BLOCK_BYTES)
+            data = np.frombuffer(fh.read((k1 - k0) * BLOCK_BYTES), np.uint8)
+        got = chunk_sums(data)
+        bad_k = [k0 + int(k) for k in np.flatnonzero(got != sums[chunk, k0:k0 + got.size])]
+        what = "weights" if is_w else "qparams"
+        bad = [bad_block(t, what, chunk, k) for k in bad_k or [k0]]
+        return corrupt_error(bad)
 
     def _read_rows(self, i: int, rows: np.ndarray, w_out: np.ndarray,
                    q_out: np.ndarray | None) -> None:

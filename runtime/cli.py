@@ -3,6 +3,7 @@
     tiermem demo                       build a model + store, serve a workload, report
     tiermem create-store OUT ...       random tables, or the tables of a checkpoint
     tiermem info STORE                 tables, sizes, dtypes of a store
+    tiermem verify STORE               check every block against its checksum (runtime/verify_cli.py)
     tiermem predict --model --store --batch --out
     tiermem trace-stats / trace-generate / trace-convert   (see traces/cli.py)
     tiermem replay / tune                                  (see traces/replay_cli.py)
@@ -150,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     from runtime.warmup_cli import add_warmup_command
 
     add_warmup_command(sub)
+    from runtime.verify_cli import add_verify_command
+
+    add_verify_command(sub)
     return ap
 
 
@@ -185,10 +189,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
     info = open_store(args.store)
     if args.json:
         print(json.dumps({"path": str(info.path), "nbytes": info.nbytes, "attrs": info.attrs,
+                          "version": info.version,
+                          "checksums": "tmh64 per 4 KiB block" if info.verified else "unverified",
                           "tables": [{**t.spec.to_dict(), "chunk_rows": t.chunk_rows,
                                       "nbytes": t.spec.nbytes} for t in info.tables]}, indent=2))
         return 0
     print(f"store {info.path}: {len(info.tables)} tables, {info.nbytes / 2**20:.1f} MiB")
+    print(f"format {info.version}, " + ("checksums per 4 KiB block (checked on every read; "
+                                        "`tiermem verify` scrubs it all)" if info.verified else
+                                        "unverified: no checksums (an older store; recreate it)"))
     print(f"{'table':<24} {'rows':>14} {'dim':>5} {'dtype':>8} {'MiB':>10} {'chunk rows':>11}")
     for t in info.tables:
         s = t.spec
@@ -238,13 +247,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(argv: Sequence[str] | None) -> int:
     from runtime.distributed.plan_cli import PLAN_COMMANDS
     from runtime.serve_cli import SERVE_COMMANDS
+    from runtime.verify_cli import VERIFY_COMMANDS
     from traces.cli import TRACE_COMMANDS
     from traces.replay_cli import REPLAY_COMMANDS
 
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {**_COMMANDS, **TRACE_COMMANDS, **REPLAY_COMMANDS, **PLAN_COMMANDS,
-                **SERVE_COMMANDS}
+                **SERVE_COMMANDS, **VERIFY_COMMANDS}
     try:
         return commands[args.command](args)
     except TierMemError as e:

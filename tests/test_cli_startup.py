@@ -25,7 +25,7 @@ _ENTRY = Path(sys.executable).parent / "tiermem"
 CLI = [str(_ENTRY)] if _ENTRY.exists() else [sys.executable, "-m", "runtime.cli"]
 HEAVY = ("torch", "numba", "zarr", "fastapi", "uvicorn", "ray", "matplotlib")
 VERBS = ("demo", "create-store", "info", "predict", "trace-stats", "trace-generate",
-         "trace-convert", "replay", "tune", "plan", "serve", "warmup")
+         "trace-convert", "replay", "tune", "plan", "serve", "warmup", "verify")
 
 # Runs the CLI's own main() the way the entry point does, then reports which heavy
 # modules got imported: the help of every verb, --version, and info on a real store.

@@ -760,6 +760,7 @@ def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> St
         if spec.name in seen:
             raise StoreFormatError(f"{root}: table {spec.name!r} is listed twice in the metadata")
         seen.add(spec.name)
+        _check_declared_size(root, spec, chunk_rows)
         wdir = root / "tables" / spec.name / "weight"
         if not (wdir / "zarr.json").exists():
             raise StoreFormatError(f"table {spec.name!r} is missing: {wdir} has no zarr.json")
@@ -781,7 +782,6 @@ def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> St
         info = TableInfo(spec, chunk_rows, wdir, qdir, weight_sums_dir=sums["weight"],
                          qparams_sums_dir=sums["qparams"])
         if check_chunks:
-            _check_declared_size(root, spec, chunk_rows)
             _check_chunks(wdir, info.n_chunks, chunk_rows * spec.row_bytes, real_root)
             if qdir is not None:
                 _check_chunks(qdir, info.n_chunks, chunk_rows * 8, real_root)

@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
+import math
 import threading
 import time
 from collections import deque
@@ -77,11 +79,16 @@ __all__ = [
     "DeadlineExceeded",
     "DynamicBatcher",
     "Overloaded",
+    "RequestTooLarge",
     "ServiceTime",
     "concat_features",
 ]
 
 OVERLOAD_MODES = ("reject", "wait")
+MAX_DEADLINE_S = 3600.0
+"""The furthest deadline a request may set (later ones are a client bug, and a wait
+that long overflows the clock)."""
+_log = logging.getLogger("tiermem.batcher")
 
 
 class Overloaded(TierMemError):
@@ -96,6 +103,10 @@ class BatcherClosed(TierMemError):
     """The batcher is shutting down or closed: it accepts no new requests."""
 
 
+class RequestTooLarge(InvalidBatchError):
+    """A request holds more samples or ids than one request may (HTTP 413)."""
+
+
 @dataclass(frozen=True)
 class BatcherConfig:
     """Knobs of :class:`DynamicBatcher`."""
@@ -108,6 +119,10 @@ class BatcherConfig:
     """Most requests waiting."""
     max_queue_samples: int = 65536
     """Most samples waiting (an oversized request is admitted into an empty queue)."""
+    max_request_samples: int = 65536
+    """Most samples in one request; more is refused (:class:`RequestTooLarge`)."""
+    max_request_ids: int = 1 << 24
+    """Most ids (all tables) in one request; more is refused (:class:`RequestTooLarge`)."""
     overload: str = "reject"
     """When the queue is full: ``"reject"`` (raise :class:`Overloaded` at once) or ``"wait"``."""
     wait_timeout_s: float = 1.0
@@ -122,7 +137,8 @@ class BatcherConfig:
 
     def __post_init__(self) -> None:
         for name, lo in (("max_batch_size", 1), ("max_queue_requests", 1),
-                         ("max_queue_samples", 1), ("prefetch_batches", 0), ("workers", 1)):
+                         ("max_queue_samples", 1), ("max_request_samples", 1),
+                         ("max_request_ids", 1), ("prefetch_batches", 0), ("workers", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{type(self).__name__}.{name} must be an integer >= {lo}, "
@@ -288,6 +304,12 @@ class DynamicBatcher:
         self._drain = True
         self.counters = BatcherCounters()
         self.service_time = ServiceTime()
+        self.on_room: Callable[[], None] | None = None
+        """Called (on a batcher thread, no lock held) when queued requests left the queue:
+        room for callers that :meth:`try_admit` found none for."""
+        self.reaper_error: BaseException | None = None
+        """What stopped the deadline thread, should anything ever (the service reports
+        not-ready then)."""
         self._workers = [threading.Thread(target=self._run, name=f"tiermem-batcher-{i}",
                                           daemon=True) for i in range(self.config.workers)]
         self._reaper = threading.Thread(target=self._reap, name="tiermem-deadlines", daemon=True)
@@ -311,6 +333,7 @@ class DynamicBatcher:
         if arr.ndim != 2 or arr.shape[1] != self.num_dense:
             raise InvalidBatchError(f"dense must have shape (B, {self.num_dense}), got "
                                     f"{arr.shape}")
+        self.check_size(arr.shape[0], None)
         if arr.dtype == np.float32 and arr.flags.c_contiguous:
             # one GIL-holding pass (this runs on the caller's thread, often an event loop):
             # a writable copy (torch.from_numpy warns on read-only arrays) and the check
@@ -336,8 +359,22 @@ class DynamicBatcher:
         if sparse.batch_size != arr.shape[0]:
             raise InvalidBatchError(f"dense has {arr.shape[0]} rows but the sparse features "
                                     f"have batch size {sparse.batch_size}")
+        self.check_size(arr.shape[0], int(sparse.values.size))
         sparse.validate_ids(self._rows)
+        if sparse.weights is not None and not np.isfinite(sparse.weights).all():
+            raise InvalidBatchError("per-id weights contain NaN or infinity")
         return arr, sparse
+
+    def check_size(self, samples: int, ids: int | None) -> None:
+        """Raise :class:`RequestTooLarge` past the per-request limits (call it before
+        allocating anything proportional to the counts)."""
+        cfg = self.config
+        if samples > cfg.max_request_samples:
+            raise RequestTooLarge(f"the request has {samples} samples; one request may have "
+                                  f"at most {cfg.max_request_samples}: split it")
+        if ids is not None and ids > cfg.max_request_ids:
+            raise RequestTooLarge(f"the request has {ids} ids; one request may have at most "
+                                  f"{cfg.max_request_ids}: split it")
 
     def submit(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any], *,
                deadline: float | None = None) -> Future[np.ndarray]:
@@ -362,8 +399,30 @@ class DynamicBatcher:
         BatcherClosed
             The batcher no longer accepts requests.
         """
+        req = self.prepare(dense, sparse, deadline=deadline)
+        if isinstance(req, Future):
+            return req
+        return self.admit(req, wait=self.config.overload == "wait")
+
+    def prepare(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any], *,
+                deadline: float | None = None, t_start: float | None = None
+                ) -> _Request | Future[np.ndarray]:
+        """Validate one request, queue nothing: :meth:`try_admit` / :meth:`admit` queue it.
+
+        An empty request comes back as an answered Future. ``t_start`` (monotonic
+        seconds, default now) is when the request arrived: ``wait_timeout_s`` counts
+        from there.
+        """
         if self._closed:
             raise BatcherClosed("the batcher is closed: it accepts no new requests")
+        if deadline is not None and (isinstance(deadline, bool)
+                                     or not isinstance(deadline, (int, float))
+                                     or not math.isfinite(deadline)
+                                     or deadline > time.monotonic() + MAX_DEADLINE_S):
+            with self._cv:
+                self.counters.invalid += 1
+            raise InvalidBatchError(f"deadline must be a finite time.monotonic() value at most "
+                                    f"{MAX_DEADLINE_S:g} s ahead, got {deadline!r}")
         try:
             arr, feats = self.validate(dense, sparse)
         except InvalidBatchError:
@@ -376,52 +435,90 @@ class DynamicBatcher:
             fut.set_running_or_notify_cancel()
             fut.set_result(np.zeros(0, np.float32))
             return fut
-        req = _Request(arr, feats, deadline, fut, now, next(self._seq))
+        return _Request(arr, feats, deadline, fut, now if t_start is None else t_start,
+                        next(self._seq))
+
+    def _check_deadline_locked(self, req: _Request, now: float) -> None:
+        deadline = req.deadline
+        if deadline is None:
+            return
+        if now >= deadline:
+            self.counters.deadline_missed += 1
+            raise DeadlineExceeded("the request's deadline passed before it was queued")
+        est = self.service_time.estimate(req.size)
+        if est is not None and now + est > deadline:
+            self.counters.deadline_missed += 1
+            raise DeadlineExceeded(
+                f"the request cannot finish before its deadline: {req.size} samples "
+                f"take about {est * 1e3:.3g} ms, {(deadline - now) * 1e3:.3g} ms are left")
+
+    def _fits_locked(self, req: _Request) -> bool:
+        cfg = self.config
+        return self._queued_requests < cfg.max_queue_requests and (
+            self._queued_samples + req.size <= cfg.max_queue_samples
+            or self._queued_requests == 0)
+
+    def _enqueue_locked(self, req: _Request) -> Future[np.ndarray]:
+        self._queue.append(req)
+        self._queued_requests += 1
+        self._queued_samples += req.size
+        self.counters.submitted += 1
+        if req.deadline is not None:
+            heapq.heappush(self._deadlines, (req.deadline, req.seq, req))
+        self._cv.notify_all()
+        return req.future
+
+    def _overloaded_message(self) -> str:
+        cfg = self.config
+        return (f"queue full ({self._queued_requests} requests, {self._queued_samples} "
+                f"samples waiting; limits {cfg.max_queue_requests} requests, "
+                f"{cfg.max_queue_samples} samples)")
+
+    def try_admit(self, req: _Request) -> Future[np.ndarray] | None:
+        """Queue a prepared request if there is room now; None (nothing counted) if not.
+
+        Never blocks on room (an asyncio caller waits for :attr:`on_room` instead).
+        """
+        with self._cv:
+            if self._closed:
+                raise BatcherClosed("the batcher is closed: it accepts no new requests")
+            self._check_deadline_locked(req, time.monotonic())
+            if not self._fits_locked(req):
+                return None
+            return self._enqueue_locked(req)
+
+    def reject(self, message: str) -> Overloaded:
+        """Count a rejection (after :meth:`try_admit` found no room) and return the error."""
+        with self._cv:
+            self.counters.rejected += 1
+        return Overloaded(message)
+
+    def admit(self, req: _Request, *, wait: bool) -> Future[np.ndarray]:
+        """Queue a prepared request: reject at once when full, or (``wait``) block until
+        room, ``wait_timeout_s`` after ``req``'s arrival or its deadline."""
         cfg = self.config
         with self._cv:
             while True:
                 if self._closed:
                     raise BatcherClosed("the batcher is closed: it accepts no new requests")
                 now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    self.counters.deadline_missed += 1
-                    raise DeadlineExceeded("the request's deadline passed before it was queued")
-                est = None if deadline is None else self.service_time.estimate(req.size)
-                if est is not None and now + est > deadline:
-                    self.counters.deadline_missed += 1
-                    raise DeadlineExceeded(
-                        f"the request cannot finish before its deadline: {req.size} samples "
-                        f"take about {est * 1e3:.3g} ms, {(deadline - now) * 1e3:.3g} ms are left")
-                fits = self._queued_requests < cfg.max_queue_requests and (
-                    self._queued_samples + req.size <= cfg.max_queue_samples
-                    or self._queued_requests == 0)
-                if fits:
-                    break
-                if cfg.overload == "reject":
+                self._check_deadline_locked(req, now)
+                if self._fits_locked(req):
+                    return self._enqueue_locked(req)
+                if not wait:
                     self.counters.rejected += 1
-                    raise Overloaded(
-                        f"queue full ({self._queued_requests} requests, {self._queued_samples} "
-                        f"samples waiting; limits {cfg.max_queue_requests} requests, "
-                        f"{cfg.max_queue_samples} samples)")
+                    raise Overloaded(self._overloaded_message())
                 limit = req.t_submit + cfg.wait_timeout_s
-                if deadline is not None:
-                    limit = min(limit, deadline)
+                if req.deadline is not None:
+                    limit = min(limit, req.deadline)
                 if now >= limit:
-                    if deadline is not None and now >= deadline:
+                    if req.deadline is not None and now >= req.deadline:
                         self.counters.deadline_missed += 1
                         raise DeadlineExceeded("the request's deadline passed while it waited "
                                                "for room in the queue")
                     self.counters.rejected += 1
                     raise Overloaded(f"queue stayed full for {cfg.wait_timeout_s} s")
                 self._cv.wait(limit - now)
-            self._queue.append(req)
-            self._queued_requests += 1
-            self._queued_samples += req.size
-            self.counters.submitted += 1
-            if deadline is not None:
-                heapq.heappush(self._deadlines, (deadline, req.seq, req))
-            self._cv.notify_all()
-        return fut
 
     # -- introspection -----------------------------------------------------------
     @property
@@ -433,6 +530,24 @@ class DynamicBatcher:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def reaper_alive(self) -> bool:
+        """False once the deadline thread stopped while the batcher is open."""
+        return self._reaper.is_alive() or self._stopped
+
+    def queue_full(self) -> bool:
+        """True when the queue holds ``max_queue_requests`` (no lock: a hint to refuse a
+        request before its body is decoded)."""
+        return self._queued_requests >= self.config.max_queue_requests
+
+    def _room(self) -> None:
+        cb = self.on_room
+        if cb is not None:
+            try:
+                cb()
+            except Exception:  # noqa: BLE001 - a notification must not stop a batcher thread
+                _log.exception("on_room callback failed")
 
     def snapshot(self) -> dict[str, int]:
         with self._cv:
@@ -470,6 +585,20 @@ class DynamicBatcher:
                 self._on_done(outcome, now - r.t_submit)
 
     def _reap(self) -> None:
+        """Fail queued requests as their deadlines pass. A bug here must not stop the
+        deadlines: log it and go on (after a short pause, so a loop cannot spin)."""
+        while True:
+            try:
+                if self._reap_until_stopped():
+                    return
+            except Exception:  # noqa: BLE001
+                _log.exception("the deadline thread hit an error; it goes on")
+                time.sleep(0.01)
+            except BaseException as e:  # noqa: BLE001 - recorded: readiness reports it
+                self.reaper_error = e
+                raise
+
+    def _reap_until_stopped(self) -> bool:
         with self._cv:
             while not self._stopped:
                 now = time.monotonic()
@@ -480,11 +609,15 @@ class DynamicBatcher:
                         self._fail(expired, DeadlineExceeded,
                                    "the request's deadline passed while it waited in the queue",
                                    "deadline")
+                        self._room()
                     finally:
                         self._cv.acquire()
                     continue
-                timeout = self._deadlines[0][0] - now if self._deadlines else None
-                self._cv.wait(timeout)
+                # bounded waits: no deadline can overflow the clock's timeout
+                timeout = (min(self._deadlines[0][0] - now, 60.0) if self._deadlines
+                           else 60.0)
+                self._cv.wait(max(timeout, 0.0))
+        return True
 
     def _next_batch(self) -> list[_Request] | None:
         """Block until a batch is due; pop it (lock held by the caller). None: stop."""
@@ -560,6 +693,7 @@ class DynamicBatcher:
                     break
                 upcoming = (self._upcoming_locked()
                             if self._has_prefetcher and self.config.prefetch_batches else [])
+            self._room()
             now = time.monotonic()
             live: list[_Request] = []
             late: list[_Request] = []
@@ -673,6 +807,7 @@ class DynamicBatcher:
         if dropped:
             self._fail(dropped, BatcherClosed, "the batcher was closed without draining",
                        "cancelled")
+        self._room()  # waiting callers see the batcher closed
         if threading.current_thread() in self._workers:
             return False
         end = None if timeout is None else time.monotonic() + timeout

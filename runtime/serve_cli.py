@@ -15,9 +15,16 @@ from runtime.argtypes import nonneg_int, port, positive_int
 from tiermem.config import parse_bytes
 from tiermem.errors import ConfigError
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "SERVE_COMMANDS", "add_serve_commands", "configure_serve"]
+__all__ = ["DEFAULT_BODY_TIMEOUT_S", "DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_LIMIT_CONCURRENCY",
+           "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_JSON_BYTES", "SERVE_COMMANDS",
+           "add_serve_commands", "configure_serve"]
 
 DEFAULT_MAX_BODY_BYTES = 16 << 20
+DEFAULT_MAX_JSON_BYTES = 4 << 20
+"""JSON parsing holds the GIL (~10 ms per MiB): larger JSON bodies would stall the server."""
+DEFAULT_BODY_TIMEOUT_S = 5.0
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_LIMIT_CONCURRENCY = 2048
 
 
 def _bytes(s: str) -> int:
@@ -95,6 +102,27 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
                    help="deadline of requests that give none (default: none)")
     b.add_argument("--max-body-bytes", type=_bytes, default=DEFAULT_MAX_BODY_BYTES,
                    help="largest request body (default 16MiB); larger ones get 413")
+    b.add_argument("--max-json-bytes", type=_bytes, default=DEFAULT_MAX_JSON_BYTES,
+                   help="largest JSON body (default 4MiB; parsing JSON holds the GIL); "
+                   "larger requests go as application/x-tiermem or npz")
+    b.add_argument("--max-request-samples", type=positive_int, default=65536,
+                   help="most samples in one request (default 65536); more get 413")
+    b.add_argument("--max-request-ids", type=positive_int, default=1 << 24,
+                   help="most ids in one request, all tables (default 16777216); more get 413")
+    h = p.add_argument_group("connections")
+    h.add_argument("--limit-concurrency", type=positive_int, default=DEFAULT_LIMIT_CONCURRENCY,
+                   help="most connections + requests at once; beyond, 503 (default 2048)")
+    h.add_argument("--timeout-keep-alive", type=_positive_float, default=5.0,
+                   help="idle keep-alive connections close after this many s (default 5)")
+    h.add_argument("--header-timeout-s", type=_positive_float, default=DEFAULT_HEADER_TIMEOUT_S,
+                   help="connections whose request headers take longer close (default 10)")
+    h.add_argument("--body-timeout-s", type=_positive_float, default=DEFAULT_BODY_TIMEOUT_S,
+                   help="a request body pausing this long gets 408 (default 5)")
+    h.add_argument("--auth-token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on /predict and /metrics "
+                   "(default: $TIERMEM_AUTH_TOKEN; /healthz and /readyz stay open)")
+    h.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate")
+    h.add_argument("--ssl-keyfile", default=None, help="the certificate's private key")
     b.add_argument("--workers", type=positive_int, default=1,
                    help="batches run at once, each on its own thread (default 1); without "
                    "--threads each worker gets cores / workers threads. On few cores "

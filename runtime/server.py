@@ -63,23 +63,41 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import io
 import json
+import logging
 import math
 import os
 import signal
 import sys
 import threading
 import time
+import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import numpy as np
 
-from runtime.batcher import BatcherClosed, DeadlineExceeded, Overloaded
-from runtime.serve_cli import DEFAULT_MAX_BODY_BYTES, SERVE_COMMANDS, add_serve_commands
+from runtime.batcher import (
+    MAX_DEADLINE_S,
+    BatcherClosed,
+    DeadlineExceeded,
+    Overloaded,
+    RequestTooLarge,
+)
+from runtime.serve_cli import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_LIMIT_CONCURRENCY,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_JSON_BYTES,
+    SERVE_COMMANDS,
+    add_serve_commands,
+)
 from runtime.serve_cli import configure_serve as _configure_serve
 from runtime.wire import (
     BINARY_TYPE,
@@ -88,7 +106,7 @@ from runtime.wire import (
     decode_request,
     encode_predictions,
 )
-from tiermem.errors import ConfigError, InvalidBatchError, TierMemError
+from tiermem.errors import ConfigError, InvalidBatchError, StoreError, TierMemError
 from tiermem.features import SparseFeatures
 
 if TYPE_CHECKING:
@@ -101,6 +119,15 @@ __all__ = ["SERVE_COMMANDS", "add_serve_commands", "create_app", "main", "parse_
            "parse_npz_body"]
 
 NPZ_TYPES = ("application/x-npz", "application/npz", "application/octet-stream")
+NPZ_MAX_MEMBERS = 64
+"""Most members an ``.npz`` body may have (a request needs at most six)."""
+DECODE_OFF_LOOP_BYTES = 64 << 10
+"""Bodies larger than this are decoded on a decode thread, not on the event loop."""
+BODY_TOTAL_TIMEOUT_S = 60.0
+"""Longest a request body may take to arrive, however steadily it trickles."""
+_ZIP_METHODS = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA", 9: "deflate64",
+                98: "PPMd", 93: "zstd"}
+_log = logging.getLogger("tiermem.server")
 
 
 class HTTPError(Exception):
@@ -201,6 +228,9 @@ def parse_json_body(raw: bytes, table_names: Sequence[str], num_dense: int
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise HTTPError(400, f"body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise HTTPError(400, "body is JSON nested too deeply (a request needs 4 levels)"
+                        ) from None
     if not isinstance(obj, dict):
         raise HTTPError(422, "body must be a JSON object with 'dense' and 'sparse' (or "
                         "'keys'/'values'/'lengths')")
@@ -211,7 +241,7 @@ def parse_json_body(raw: bytes, table_names: Sequence[str], num_dense: int
     deadline = obj.get("deadline_ms")
     if deadline is not None and (isinstance(deadline, bool)
                                  or not isinstance(deadline, (int, float))):
-        raise HTTPError(422, f"'deadline_ms' must be a number, got {deadline!r}")
+        raise HTTPError(400, f"'deadline_ms' must be a number, got {str(deadline)[:40]!r}")
     try:
         if "sparse" in obj:
             sp = obj["sparse"]
@@ -252,21 +282,35 @@ def parse_json_body(raw: bytes, table_names: Sequence[str], num_dense: int
 
 
 def _read_npz(raw: bytes, max_unpacked_bytes: int) -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz``: one pass over the zip, no pickles, sizes checked first.
+    """The arrays of an ``.npz``: one pass over the zip, no pickles, bounded memory.
 
-    (About twice as fast as ``np.load``; arrays are read-only views of the member bytes.)
+    Members must be stored or deflated; each is decompressed by streaming
+    against a budget of ``max_unpacked_bytes`` in all (the sizes the zip
+    directory declares are not trusted). Arrays are read-only views of the
+    member bytes (about twice as fast as ``np.load``).
     """
     fmt = np.lib.format
     out: dict[str, np.ndarray] = {}
+    budget = max_unpacked_bytes
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
             infos = zf.infolist()
-            unpacked = sum(i.file_size for i in infos)
-            if unpacked > max_unpacked_bytes:  # a compressed member must not balloon
-                raise HTTPError(413, f"the .npz unpacks to {unpacked} bytes; the limit is "
-                                f"{max_unpacked_bytes}")
+            if len(infos) > NPZ_MAX_MEMBERS:
+                raise HTTPError(400, f"the .npz has {len(infos)} members; at most "
+                                f"{NPZ_MAX_MEMBERS} are accepted")
             for info in infos:
-                data = zf.read(info)
+                if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    how = _ZIP_METHODS.get(info.compress_type,
+                                           f"compression method {info.compress_type}")
+                    raise HTTPError(415, f".npz member {info.filename[:80]!r} is compressed "
+                                    f"with {how}: only stored or deflated members "
+                                    "(np.savez, np.savez_compressed) are accepted")
+                with zf.open(info) as f:  # inflates at most budget + 1 bytes
+                    data = f.read(budget + 1)
+                if len(data) > budget:  # a compressed member must not balloon
+                    raise HTTPError(413, f"the .npz unpacks to more than {max_unpacked_bytes} "
+                                    "bytes, the limit")
+                budget -= len(data)
                 f = io.BytesIO(data)
                 version = fmt.read_magic(f)
                 read_header = (fmt.read_array_header_1_0 if version == (1, 0)
@@ -274,32 +318,59 @@ def _read_npz(raw: bytes, max_unpacked_bytes: int) -> dict[str, np.ndarray]:
                 shape, fortran, dtype = read_header(f, max_header_size=10000)
                 if dtype.hasobject:
                     raise ValueError(f"member {info.filename!r} holds Python objects")
-                count = int(np.prod(shape, dtype=np.int64))
+                count = math.prod(shape)
+                if count * dtype.itemsize != len(data) - f.tell():
+                    raise ValueError(f"member {info.filename[:80]!r} holds "
+                                     f"{len(data) - f.tell()} bytes of data; its header "
+                                     f"{dtype} {shape} says {count * dtype.itemsize}")
                 arr = np.frombuffer(data, dtype, count=count, offset=f.tell())
                 name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
                 out[name] = arr.reshape(shape, order="F" if fortran else "C")
     except HTTPError:
         raise
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, TypeError) as e:
-        raise HTTPError(400, f"body is not a readable .npz archive: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any fault of untrusted bytes: zlib, zip, npy
+        raise HTTPError(400, f"body is not a readable .npz archive: {type(e).__name__}: "
+                        f"{str(e)[:200]}") from None
     return out
 
 
-def parse_npz_body(raw: bytes, table_names: Sequence[str], *, max_unpacked_bytes: int
+def parse_npz_body(raw: bytes, table_names: Sequence[str], *, max_unpacked_bytes: int,
+                   check_size: Callable[[int, int | None], None] | None = None
                    ) -> tuple[np.ndarray, SparseFeatures]:
-    """``(dense, sparse)`` from an ``.npz`` body (formats in the module docstring)."""
+    """``(dense, sparse)`` from an ``.npz`` body (formats in the module docstring).
+
+    ``check_size(samples, ids)`` (e.g. the batcher's) runs on the counts before
+    any array is widened or copied.
+    """
     arrays = _read_npz(raw, max_unpacked_bytes)
     if "dense" not in arrays:
-        raise HTTPError(422, f".npz lacks 'dense' (has {sorted(arrays)})")
+        raise HTTPError(422, f".npz lacks 'dense' (has {sorted(arrays)[:8]})")
     dense = arrays["dense"]
     if dense.dtype.kind not in "fiu" or dense.ndim != 2:
         raise HTTPError(422, f"'dense' must be a 2-D numeric array, got {dense.dtype} "
                         f"{dense.shape}")
+    for name in ("sparse", "values", "offsets", "lengths"):
+        a = arrays.get(name)
+        if a is not None and (a.dtype.kind not in "iu" or a.ndim != (2 if name == "sparse"
+                                                                     else 1)):
+            raise HTTPError(422, f"'{name}' must be a {2 if name == 'sparse' else 1}-D integer "
+                            f"array, got {a.dtype} {a.shape}")
+    w = arrays.get("weights")
+    if w is not None and (w.dtype.kind != "f" or w.ndim != 1):
+        raise HTTPError(422, f"'weights' must be a 1-D float array, got {w.dtype} {w.shape}")
+    if check_size is not None:  # before the ids are widened to int64
+        ids_arr = arrays.get("sparse", arrays.get("values"))
+        check_size(int(dense.shape[0]), None if ids_arr is None else int(ids_arr.size))
     keys = list(table_names)
     if "keys" in arrays:
         k = arrays["keys"]
         if k.dtype.kind not in "US" or k.ndim != 1:
             raise HTTPError(422, f"'keys' must be a 1-D array of table names, got {k.dtype}")
+        if k.size > 4 * len(table_names) + 16:
+            raise HTTPError(422, f"'keys' lists {k.size} names; the model has "
+                            f"{len(table_names)} tables")
         keys = [str(x) for x in k.astype(str)]
     try:
         if "sparse" in arrays:
@@ -310,7 +381,6 @@ def parse_npz_body(raw: bytes, table_names: Sequence[str], *, max_unpacked_bytes
             sparse = SparseFeatures.from_offsets(keys, np.ascontiguousarray(ids.T).reshape(-1),
                                                  np.arange(ids.size + 1, dtype=np.int64))
         elif "values" in arrays and ("offsets" in arrays or "lengths" in arrays):
-            w = arrays.get("weights")
             if "offsets" in arrays:
                 sparse = SparseFeatures.from_offsets(keys, arrays["values"], arrays["offsets"], w)
             else:
@@ -341,9 +411,11 @@ def _deadline_param(raw: str | None, where: str) -> float | None:
     try:
         v = float(raw)
     except ValueError:
-        raise HTTPError(422, f"{where} must be a number of milliseconds, got {raw!r}") from None
-    if not v > 0 or not math.isfinite(v):
-        raise HTTPError(422, f"{where} must be > 0, got {raw!r}")
+        raise HTTPError(400, f"{where} must be a number of milliseconds, got {raw[:40]!r}"
+                        ) from None
+    if not math.isfinite(v) or not 0 < v <= MAX_DEADLINE_S * 1e3:
+        raise HTTPError(400, f"{where} must be a number of milliseconds > 0 and at most "
+                        f"{MAX_DEADLINE_S * 1e3:.0f} (one hour), got {raw[:40]!r}")
     return v
 
 
@@ -390,8 +462,13 @@ class _RuntimeCollector:
                                 value=m["queue"]["requests"])
         yield GaugeMetricFamily("tiermem_queue_samples", "Samples waiting",
                                 value=m["queue"]["samples"])
-        yield GaugeMetricFamily("tiermem_ready", "1 once warm-up finished",
+        yield GaugeMetricFamily("tiermem_ready", "1 once warm-up finished and not degraded",
                                 value=1.0 if m["ready"] else 0.0)
+        f = CounterMetricFamily("tiermem_faults", "Server-side faults by kind (store, shard, "
+                                "internal, nonfinite predictions)", labels=["kind"])
+        for k, v in m["faults"].items():
+            f.add_metric([k], v)
+        yield f
         t = m["tier"]
         kind = [t["kind"]]
         for key, doc in (("bytes_read", "Bytes read from the tier"),
@@ -451,11 +528,26 @@ def _app_class() -> type:
     return App
 
 
+def _shard_errors() -> tuple[type[BaseException], ...]:
+    """The sharded session's fault types, if it can be imported (Ray may be absent)."""
+    try:
+        from runtime.distributed.sharded import ShardError
+    except Exception:  # noqa: BLE001 - no Ray, no shards
+        return ()
+    return (ShardError,)
+
+
 def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               retry_after_s: int = 1) -> FastAPI:
+               retry_after_s: int = 1, max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+               auth_token: str | None = None) -> FastAPI:
     """A FastAPI app serving ``runtime`` (endpoints in the module docstring).
 
-    The app does not own the runtime: close it after the server stopped.
+    ``max_json_bytes`` bounds JSON bodies (parsing holds the GIL: larger ones
+    would stall every other request); ``body_timeout_s`` is the longest pause
+    while a body arrives (then 408); ``auth_token`` makes ``/predict`` and
+    ``/metrics`` require ``Authorization: Bearer <token>``. The app does not own
+    the runtime: close it after the server stopped.
     """
     from fastapi import Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -464,9 +556,15 @@ def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BOD
 
     from runtime.service import LATENCY_BUCKETS_S
 
-    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) \
-            or max_body_bytes < 1:
-        raise ConfigError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
+    for name, v in (("max_body_bytes", max_body_bytes), ("max_json_bytes", max_json_bytes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+    if isinstance(body_timeout_s, bool) or not isinstance(body_timeout_s, (int, float)) \
+            or not 0 < body_timeout_s < 1e6:
+        raise ConfigError(f"body_timeout_s must be a number > 0, got {body_timeout_s!r}")
+    if auth_token is not None and not auth_token:
+        raise ConfigError("auth_token must not be empty")
+    expected_auth = None if auth_token is None else f"Bearer {auth_token}".encode()
     registry = CollectorRegistry(auto_describe=False)
     collector: Collector = _RuntimeCollector(runtime)  # type: ignore[assignment]
     registry.register(collector)
@@ -475,24 +573,43 @@ def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BOD
     http_latency = PromHistogram("tiermem_http_request_duration_seconds",
                                  "HTTP request time, body read to answer written",
                                  ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=registry)
-    table_names = tuple(runtime.batcher.table_names)
-    num_dense = runtime.batcher.num_dense
+    batcher = runtime.batcher
+    table_names = tuple(batcher.table_names)
+    num_dense = batcher.num_dense
+    check_size = batcher.check_size
+    reject_mode = runtime.config.overload == "reject"
+    shard_errors = _shard_errors()
+    decode_pool = ThreadPoolExecutor(2, thread_name_prefix="tiermem-decode")
+    retry = {"Retry-After": str(retry_after_s)}
 
-    def error_body(message: str) -> bytes:
-        return json.dumps({"error": message}).encode()
+    def error_body(message: str, request_id: str | None = None) -> bytes:
+        d = {"error": message}
+        if request_id is not None:
+            d["request_id"] = request_id
+        return json.dumps(d).encode()
+
+    def authorized(headers: dict[bytes, bytes]) -> bool:
+        return expected_auth is None or hmac.compare_digest(
+            headers.get(b"authorization", b""), expected_auth)
 
     async def read_body(receive: Callable[[], Any], declared: bytes | None) -> bytes:
         if declared is not None:
             try:
                 n = int(declared)
             except ValueError:
-                raise HTTPError(400, f"bad Content-Length {declared!r}") from None
+                raise HTTPError(400, f"bad Content-Length {declared[:40]!r}") from None
             if n > max_body_bytes:
                 raise HTTPError(413, f"body of {n} bytes is over the limit of {max_body_bytes} "
                                 "bytes; split the request")
         chunks, n = [], 0
+        t_end = time.monotonic() + BODY_TOTAL_TIMEOUT_S
         while True:
-            msg = await receive()
+            wait = min(body_timeout_s, t_end - time.monotonic())
+            try:
+                msg = await asyncio.wait_for(receive(), max(wait, 0.0))
+            except TimeoutError:
+                raise HTTPError(408, f"the request body stopped arriving ({n} bytes received, "
+                                f"none for {wait:.3g} s)", {"Connection": "close"}) from None
             if msg["type"] == "http.disconnect":
                 raise asyncio.CancelledError("the client went away")
             chunk = msg.get("body", b"")
@@ -504,10 +621,33 @@ def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BOD
             if not msg.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def decode(body: bytes, ctype_s: str) -> tuple[np.ndarray, SparseFeatures, float | None]:
+        """Parse one body (on the loop for small ones, on a decode thread for large)."""
+        if ctype_s == BINARY_TYPE:
+            try:
+                return (*decode_request(body, table_names, num_dense, check_size=check_size),
+                        None)
+            except WireFormatError as e:
+                raise HTTPError(e.status, str(e)) from None
+        if ctype_s in NPZ_TYPES:
+            return (*parse_npz_body(body, table_names, max_unpacked_bytes=4 * max_body_bytes,
+                                    check_size=check_size), None)
+        if len(body) > max_json_bytes:
+            raise HTTPError(413, f"JSON body of {len(body)} bytes is over the JSON limit of "
+                            f"{max_json_bytes} bytes: send large requests as {BINARY_TYPE} or "
+                            "application/x-npz")
+        return parse_json_body(body, table_names, num_dense)
+
     async def handle_predict(headers: dict[bytes, bytes], query: bytes,
                              receive: Callable[[], Any]) -> tuple[int, bytes, bytes]:
+        if not authorized(headers):
+            raise HTTPError(401, "missing or wrong 'Authorization: Bearer <token>' header",
+                            {"WWW-Authenticate": "Bearer"})
         ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip()
         ctype_s = ctype.decode("latin-1").lower()
+        if ctype_s not in (BINARY_TYPE, *NPZ_TYPES, "application/json", "text/json", ""):
+            raise HTTPError(415, f"unsupported Content-Type {ctype_s[:60]!r}: use "
+                            f"application/json, {BINARY_TYPE} or application/x-npz")
         raw = headers.get(b"x-deadline-ms")
         deadline = _deadline_param(None if raw is None else raw.decode("latin-1"),
                                    "X-Deadline-Ms header")
@@ -515,32 +655,41 @@ def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BOD
             q = parse_qs(query.decode("latin-1")).get("deadline_ms")
             deadline = _deadline_param(q[-1] if q else None, "deadline_ms parameter")
         body = await read_body(receive, headers.get(b"content-length"))
-        if ctype_s == BINARY_TYPE:
-            try:
-                dense, sparse = decode_request(body, table_names, num_dense)
-            except WireFormatError as e:
-                raise HTTPError(e.status, str(e)) from None
-        elif ctype_s in NPZ_TYPES:
-            dense, sparse = parse_npz_body(body, table_names,
-                                           max_unpacked_bytes=4 * max_body_bytes)
-        elif ctype_s in ("application/json", "text/json", ""):
-            dense, sparse, jd = parse_json_body(body, table_names, num_dense)
-            if deadline is None and jd is not None:
-                deadline = _deadline_param(str(jd), "'deadline_ms'")
+        t_body = time.monotonic()
+        if reject_mode and batcher.queue_full():  # decided before any decoding work
+            raise HTTPError(503, "overloaded: the request queue is full", retry)
+        if len(body) > DECODE_OFF_LOOP_BYTES:
+            loop = asyncio.get_running_loop()
+            dense, sparse, jd = await loop.run_in_executor(decode_pool, decode, body, ctype_s)
         else:
-            raise HTTPError(415, f"unsupported Content-Type {ctype_s!r}: use application/json, "
-                            f"{BINARY_TYPE} or application/x-npz")
+            dense, sparse, jd = decode(body, ctype_s)
+        if deadline is None and jd is not None:
+            deadline = _deadline_param(str(jd), "'deadline_ms'")
         try:
-            preds = await runtime.predict_async(dense, sparse, deadline_ms=deadline)
+            preds = await runtime.predict_async(dense, sparse, deadline_ms=deadline,
+                                                t_start=t_body)
+        except RequestTooLarge as e:
+            raise HTTPError(413, str(e)) from None
         except InvalidBatchError as e:
             raise HTTPError(422, str(e)) from None
+        except ConfigError as e:  # the deadline
+            raise HTTPError(400, str(e)) from None
         except Overloaded as e:
-            raise HTTPError(503, f"overloaded: {e}", {"Retry-After": str(retry_after_s)}) from None
+            raise HTTPError(503, f"overloaded: {e}", retry) from None
         except BatcherClosed as e:
-            raise HTTPError(503, f"shutting down: {e}",
-                            {"Retry-After": str(retry_after_s)}) from None
+            raise HTTPError(503, f"shutting down: {e}", retry) from None
         except DeadlineExceeded as e:
             raise HTTPError(504, f"deadline exceeded: {e}") from None
+        except shard_errors as e:
+            raise _Fault("shard", 503, "a shard is unavailable", e, retry) from None
+        except StoreError as e:
+            raise _Fault("store", 503, "storage fault", e, retry) from None
+        except Exception as e:  # noqa: BLE001 - anything else while predicting: ours
+            raise _Fault("internal", 500, "internal error", e) from None
+        if not np.isfinite(preds).all():
+            bad = int(np.count_nonzero(~np.isfinite(preds)))
+            raise _Fault("nonfinite", 500, f"{bad} of {preds.size} predictions are NaN or "
+                         "infinite (a corrupted embedding row or model)", None)
         if _PREDICTIONS_B in headers.get(b"accept", b""):
             return 200, encode_predictions(preds), _PREDICTIONS_B
         return 200, json.dumps({"predictions": preds.tolist()}).encode(), b"application/json"
@@ -557,8 +706,9 @@ def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BOD
         """
         t0 = time.perf_counter()
         extra: list[tuple[bytes, bytes]] = []
+        ctype = b"application/json"
         if scope["method"] != "POST":
-            status, body, ctype = 405, error_body("use POST for /predict"), b"application/json"
+            status, body = 405, error_body("use POST for /predict")
             extra.append((b"allow", b"POST"))
         else:
             try:
@@ -566,16 +716,26 @@ def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BOD
                                                            scope.get("query_string", b""),
                                                            receive)
             except HTTPError as e:
-                status, body, ctype = e.status, error_body(e.message), b"application/json"
+                status, body = e.status, error_body(e.message)
                 extra.extend((k.lower().encode(), v.encode()) for k, v in e.headers.items())
             except (TierMemError, ValueError) as e:  # input problems the parsers did not name
-                status, body, ctype = 422, error_body(str(e)), b"application/json"
+                status, body = 422, error_body(str(e)[:500])
             except asyncio.CancelledError:
                 http_requests.labels("/predict", "499").inc()
                 raise
-            except Exception as e:  # noqa: BLE001 - answer 500, keep serving
-                status, body = 500, error_body(f"internal error: {type(e).__name__}: {e}")
-                ctype = b"application/json"
+            except Exception as e:  # noqa: BLE001 - answer 5xx, keep serving
+                fault = e if isinstance(e, _Fault) else _Fault("internal", 500,
+                                                                "internal error", e)
+                rid = uuid.uuid4().hex[:16]
+                what = fault.cause if fault.cause is not None else fault
+                _log.error("request %s: %s: %s", rid, fault.message,
+                           "" if fault.cause is None else repr(fault.cause),
+                           exc_info=what if fault.cause is not None else None)
+                runtime.record_fault(fault.kind, f"{fault.message} (request {rid})")
+                status = fault.status
+                body = error_body(f"{fault.message} (request id {rid}; details in the server "
+                                  "log)", rid)
+                extra.extend((k.lower().encode(), v.encode()) for k, v in fault.headers.items())
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", ctype),
                                 (b"content-length", str(len(body)).encode()), *extra]})
@@ -587,6 +747,7 @@ def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BOD
                docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
     app.state.registry = registry
+    app.state.decode_pool = decode_pool
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -594,18 +755,86 @@ def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BOD
     async def readyz(request: Request) -> Response:
         if runtime.ready:
             return JSONResponse({"ready": True})
+        degraded = runtime.degraded_reason
         why = ("warm-up failed: " + repr(runtime.warmup_error) if runtime.warmup_error
-               else "shutting down" if runtime.closed else "warming up")
+               else "shutting down" if runtime.closed
+               else "degraded: " + degraded if degraded is not None else "warming up")
         return JSONResponse({"ready": False, "reason": why}, status_code=503,
                             headers={"Retry-After": str(retry_after_s)})
 
     async def metrics(request: Request) -> Response:
+        if not authorized({b"authorization": request.headers.get("authorization", "")
+                           .encode("latin-1")}):
+            return JSONResponse({"error": "missing or wrong 'Authorization: Bearer <token>' "
+                                 "header"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_route("/healthz", healthz, methods=["GET"])
     app.add_route("/readyz", readyz, methods=["GET"])
     app.add_route("/metrics", metrics, methods=["GET"])
     return app
+
+
+class _Fault(Exception):
+    """A server-side fault: counted, logged with a request id, answered 5xx without
+    the exception's text."""
+
+    def __init__(self, kind: str, status: int, message: str, cause: BaseException | None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.status, self.message, self.cause = kind, status, message, cause
+        self.headers = headers or {}
+
+
+def _protocol_class(header_timeout_s: float) -> type:
+    """uvicorn's HTTP protocol, closing connections whose request headers do not arrive
+    within ``header_timeout_s`` (uvicorn itself waits forever for them)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class Protocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._tm_arm()
+
+        def _tm_arm(self) -> None:
+            self._tm_timer = self.loop.call_later(header_timeout_s, self._tm_timeout)
+
+        def _tm_timeout(self) -> None:
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:  # no request being served: headers
+                if not self.transport.is_closing():        # stalled (or an idle keep-alive)
+                    self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._tm_timer.cancel()
+            self._tm_arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            timer = getattr(self, "_tm_timer", None)
+            if timer is not None:
+                timer.cancel()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
+def server_config(app: Any, *, limit_concurrency: int | None = DEFAULT_LIMIT_CONCURRENCY,
+                  timeout_keep_alive: float = 5.0,
+                  header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+                  log_level: str = "warning", **kw: Any) -> Any:
+    """The ``uvicorn.Config`` ``tiermem serve`` runs ``app`` with: a connection cap
+    (``limit_concurrency``: beyond it, 503), keep-alive and header timeouts, a bound
+    on an incomplete request's buffered bytes. ``kw`` go to ``uvicorn.Config``
+    (e.g. ``ssl_certfile``, ``ssl_keyfile``)."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
+                          timeout_graceful_shutdown=30, limit_concurrency=limit_concurrency,
+                          timeout_keep_alive=timeout_keep_alive,
+                          h11_max_incomplete_event_size=64 << 10,
+                          http=_protocol_class(header_timeout_s), **kw)
 
 
 # -- CLI ----------------------------------------------------------------------------------
@@ -637,6 +866,8 @@ def build_runtime(args: argparse.Namespace) -> ServingRuntime:
     scfg = ServingConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
                          max_queue_requests=args.max_queue,
                          max_queue_samples=args.max_queue_samples, overload=args.overload,
+                         max_request_samples=args.max_request_samples,
+                         max_request_ids=args.max_request_ids,
                          wait_timeout_s=args.wait_timeout_s,
                          default_deadline_ms=args.default_deadline_ms,
                          warmup=not args.no_warmup,
@@ -688,12 +919,20 @@ def serve(args: argparse.Namespace) -> int:
         sock.close()
         raise
     try:
-        app = create_app(runtime, max_body_bytes=args.max_body_bytes)
+        token = args.auth_token or os.environ.get("TIERMEM_AUTH_TOKEN") or None
+        app = create_app(runtime, max_body_bytes=args.max_body_bytes,
+                         max_json_bytes=args.max_json_bytes, body_timeout_s=args.body_timeout_s,
+                         auth_token=token)
         host, port = sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_level=args.log_level, access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=30)
+        tls = {k: v for k, v in (("ssl_certfile", args.ssl_certfile),
+                                 ("ssl_keyfile", args.ssl_keyfile)) if v}
+        config = server_config(app, limit_concurrency=args.limit_concurrency,
+                               timeout_keep_alive=args.timeout_keep_alive,
+                               header_timeout_s=args.header_timeout_s,
+                               log_level=args.log_level, **tls)
         server = uvicorn.Server(config)
-        print(f"tiermem serve: listening on http://{host}:{port} ({len(runtime.batcher.table_names)}"
+        scheme = "https" if tls else "http"
+        print(f"tiermem serve: listening on {scheme}://{host}:{port} ({len(runtime.batcher.table_names)}"
               f" tables, tier {args.tier})", flush=True)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal
         # with the handler found at start: make both land here, not kill the process

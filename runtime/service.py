@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import functools
+import math
 import threading
 import time
 from collections import deque
@@ -31,12 +31,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from runtime.batcher import (
+    MAX_DEADLINE_S,
     OVERLOAD_MODES,
     BatcherClosed,
     BatcherConfig,
     DeadlineExceeded,
     DynamicBatcher,
     Overloaded,
+    _Request,
 )
 from tiermem.errors import ConfigError
 from tiermem.features import SparseFeatures
@@ -76,6 +78,11 @@ class ServingConfig:
     """Most requests waiting; beyond, the ``overload`` rule applies."""
     max_queue_samples: int = 65536
     """Most samples waiting; beyond, the ``overload`` rule applies."""
+    max_request_samples: int = 65536
+    """Most samples in one request (more: ``RequestTooLarge``, HTTP 413), checked before
+    anything proportional to the count is allocated."""
+    max_request_ids: int = 1 << 24
+    """Most ids (all tables together) in one request (more: ``RequestTooLarge``)."""
     overload: str = "reject"
     """Queue full: ``"reject"`` (raise ``Overloaded`` at once) or ``"wait"`` (up to
     ``wait_timeout_s``, then ``Overloaded``)."""
@@ -99,7 +106,7 @@ class ServingConfig:
         if self.default_deadline_ms is not None and (
                 isinstance(self.default_deadline_ms, bool)
                 or not isinstance(self.default_deadline_ms, (int, float))
-                or not 0 < self.default_deadline_ms < 1e9):
+                or not 0 < self.default_deadline_ms <= MAX_DEADLINE_S * 1e3):
             raise ConfigError(f"ServingConfig.default_deadline_ms must be None or a number > 0, "
                               f"got {self.default_deadline_ms!r}")
         if not isinstance(self.warmup, bool):
@@ -113,6 +120,8 @@ class ServingConfig:
         return BatcherConfig(max_batch_size=self.max_batch_size, max_delay_ms=self.max_delay_ms,
                              max_queue_requests=self.max_queue_requests,
                              max_queue_samples=self.max_queue_samples, overload=self.overload,
+                             max_request_samples=self.max_request_samples,
+                             max_request_ids=self.max_request_ids,
                              wait_timeout_s=self.wait_timeout_s,
                              prefetch_batches=self.prefetch_batches, workers=self.workers)
 
@@ -161,6 +170,12 @@ class Histogram:
                 "p50": q[0], "p90": q[1], "p99": q[2], "p999": q[3]}
 
 
+FAULT_KINDS = ("store", "shard", "internal", "nonfinite")
+"""Server-side faults counted (and turning readiness off for ``FAULT_WINDOW_S``)."""
+FAULT_WINDOW_S = 30.0
+"""How long after a store/shard/internal fault ``/readyz`` reports the service degraded."""
+
+
 class ServingRuntime:
     """A thread-safe, batching front of an :class:`InferenceSession`.
 
@@ -193,6 +208,12 @@ class ServingRuntime:
         self._closed = False
         self._started = time.time()
         self._warm_thread: threading.Thread | None = None
+        self._fault_lock = threading.Lock()
+        self.fault_counts = dict.fromkeys(FAULT_KINDS, 0)
+        self._last_fault: tuple[float, str, str] | None = None
+        self._room_lock = threading.Lock()
+        self._room_events: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}
+        self.batcher.on_room = self._on_room
         if self.config.warmup or warm_profile is not None:
             self._warm_thread = threading.Thread(target=self._warm, args=(warm_profile,),
                                                  name="tiermem-warmup", daemon=True)
@@ -227,8 +248,27 @@ class ServingRuntime:
 
     @property
     def ready(self) -> bool:
-        """True once warm-up finished (and the runtime is not closed)."""
-        return self._ready.is_set() and not self._closed
+        """True once warm-up finished, while open and not degraded (:attr:`degraded_reason`)."""
+        return self._ready.is_set() and not self._closed and self.degraded_reason is None
+
+    def record_fault(self, kind: str, message: str) -> None:
+        """Count a server-side fault (one of :data:`FAULT_KINDS`); readiness turns off
+        for ``FAULT_WINDOW_S`` after a store, shard or internal one."""
+        with self._fault_lock:
+            self.fault_counts[kind] = self.fault_counts.get(kind, 0) + 1
+            self._last_fault = (time.monotonic(), kind, message)
+
+    @property
+    def degraded_reason(self) -> str | None:
+        """Why the service should get no traffic now (None: healthy)."""
+        if not self.batcher.reaper_alive:
+            return f"the deadline thread stopped ({self.batcher.reaper_error!r})"
+        last = self._last_fault
+        if last is not None:
+            age = time.monotonic() - last[0]
+            if age < FAULT_WINDOW_S:
+                return f"{last[1]} fault {age:.1f} s ago: {last[2]}"
+        return None
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until ready (or ``timeout``); re-raises a warm-up failure."""
@@ -247,8 +287,10 @@ class ServingRuntime:
         ms = self.config.default_deadline_ms if deadline_ms is None else deadline_ms
         if ms is None:
             return None
-        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not ms > 0:
-            raise ConfigError(f"deadline_ms must be a number > 0, got {ms!r}")
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms) \
+                or not 0 < ms <= MAX_DEADLINE_S * 1e3:
+            raise ConfigError(f"deadline_ms must be a number > 0 and at most "
+                              f"{MAX_DEADLINE_S * 1e3:.0f} (one hour), got {ms!r}")
         return time.monotonic() + float(ms) / 1e3
 
     def submit(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any], *,
@@ -267,15 +309,60 @@ class ServingRuntime:
         return self.submit(dense, sparse, deadline_ms=deadline_ms).result()
 
     async def predict_async(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any], *,
-                            deadline_ms: float | None = None) -> np.ndarray:
-        """:meth:`predict` for asyncio; cancelling the task drops a request not yet running."""
-        if self.config.overload == "wait":  # submit may block: keep the event loop free
-            loop = asyncio.get_running_loop()
-            fut = await loop.run_in_executor(
-                None, functools.partial(self.submit, dense, sparse, deadline_ms=deadline_ms))
+                            deadline_ms: float | None = None, t_start: float | None = None
+                            ) -> np.ndarray:
+        """:meth:`predict` for asyncio; cancelling the task drops a request not yet running.
+
+        ``overload="wait"`` waits on the event loop for room, no thread and no
+        executor queue: ``wait_timeout_s`` counts from ``t_start`` (monotonic
+        seconds; default now), so time spent before (e.g. decoding) counts too.
+        """
+        req = self.batcher.prepare(dense, sparse, deadline=self._deadline(deadline_ms),
+                                   t_start=t_start)
+        if isinstance(req, Future):
+            fut = req
+        elif self.config.overload == "reject":
+            fut = self.batcher.admit(req, wait=False)
         else:
-            fut = self.submit(dense, sparse, deadline_ms=deadline_ms)
+            fut = await self._admit_waiting(req)
         return await asyncio.wrap_future(fut)
+
+    async def _admit_waiting(self, req: _Request) -> Future[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        limit = req.t_submit + self.config.wait_timeout_s
+        if req.deadline is not None:
+            limit = min(limit, req.deadline)
+        while True:
+            room = self._room_event(loop)  # before trying: a wake-up after it is not missed
+            fut = self.batcher.try_admit(req)  # raises once the deadline passed
+            if fut is not None:
+                return fut
+            left = limit - time.monotonic()
+            if left <= 0:
+                if req.deadline is not None and limit >= req.deadline:
+                    continue  # try_admit raises DeadlineExceeded
+                raise self.batcher.reject(
+                    f"queue stayed full for {self.config.wait_timeout_s} s")
+            try:
+                await asyncio.wait_for(room.wait(), min(left, 0.05))
+            except TimeoutError:
+                pass
+
+    def _room_event(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+        with self._room_lock:
+            ev = self._room_events.get(loop)
+            if ev is None:
+                ev = self._room_events[loop] = asyncio.Event()
+            return ev
+
+    def _on_room(self) -> None:
+        """Batcher thread: wake the event loops whose requests wait for room."""
+        with self._room_lock:
+            events = list(self._room_events.items())
+            self._room_events.clear()
+        for loop, ev in events:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(ev.set)
 
     # -- metrics ---------------------------------------------------------------------------
     def _on_batch(self, samples: int, requests: int, seconds: float) -> None:
@@ -299,8 +386,12 @@ class ServingRuntime:
         snap = self.batcher.snapshot()
         req_keys = ("submitted", "completed", "failed", "invalid", "rejected",
                     "deadline_missed", "cancelled")
+        with self._fault_lock:
+            faults = dict(self.fault_counts)
         return {
             "ready": self.ready,
+            "degraded": self.degraded_reason,
+            "faults": faults,
             "uptime_s": time.time() - self._started,
             "requests": {k: snap[k] for k in req_keys},
             "batches": snap["batches"],

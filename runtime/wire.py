@@ -32,7 +32,7 @@ other ``Accept`` values get the JSON answer.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -126,12 +126,15 @@ def _section(raw: bytes | memoryview, pos: int, dtype: str, count: int, what: st
     return arr, end
 
 
-def decode_request(raw: bytes | memoryview, table_names: Sequence[str], num_dense: int
+def decode_request(raw: bytes | memoryview, table_names: Sequence[str], num_dense: int, *,
+                   check_size: Callable[[int, int | None], None] | None = None
                    ) -> tuple[np.ndarray, SparseFeatures]:
     """``(dense, sparse)`` from a binary request body (format in the module docstring).
 
     Raises :class:`WireFormatError` naming the field when the body does not
     follow the format or does not fit the model (table count, dense width).
+    ``check_size(B, nnz)`` (e.g. the batcher's per-request limits) runs on the
+    header's counts before anything proportional to them is allocated.
     Ids are checked against the tables later, by the batcher.
     """
     if len(raw) < _HEADER.size:
@@ -159,6 +162,8 @@ def decode_request(raw: bytes | memoryview, table_names: Sequence[str], num_dens
         raise WireFormatError(f"header fields B = {B}, nnz = {nnz} are too large")
     if layout == LAYOUT_ONE_HOT and nnz != B * T:
         raise WireFormatError(f"header field nnz = {nnz}; layout 0 needs B * T = {B * T}")
+    if check_size is not None:
+        check_size(B, nnz)
     pos = _HEADER.size
     dense, pos = _section(raw, pos, "<f4", B * nd, "dense")
     lengths = None

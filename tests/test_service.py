@@ -36,7 +36,7 @@ from runtime.batcher import (
 from runtime.checkpoint import save_dlrm_checkpoint
 from runtime.convert import store_from_checkpoint
 from runtime.model import DLRMConfig, random_dense
-from runtime.server import create_app, npz_body
+from runtime.server import create_app, npz_body, server_config
 from runtime.service import ServingConfig, ServingRuntime
 from runtime.wire import BINARY_TYPE, PREDICTIONS_TYPE, decode_predictions, encode_request
 from runtime.session import InferenceSession, RuntimeConfig
@@ -447,14 +447,14 @@ def test_queue_feeds_the_prefetcher(model):
 # -- the HTTP server ---------------------------------------------------------------------
 
 @contextlib.contextmanager
-def serve(runtime, **kw):
-    """uvicorn in a background thread on a free loopback port; yields the base URL."""
+def serve(runtime, server_kw=None, **kw):
+    """uvicorn in a background thread on a free loopback port, configured as ``tiermem
+    serve`` configures it (``server_config``); yields the base URL."""
     app = create_app(runtime, **kw)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", access_log=False,
-                                           lifespan="off"))
+    server = uvicorn.Server(server_config(app, log_level="error", **(server_kw or {})))
     th = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     th.start()
     wait_until(lambda: server.started)
@@ -609,7 +609,7 @@ def test_http_bad_requests(server):
     cases.append((post_json(frac), 422, "integers"))
     cases.append((client.post("/predict", content=b"x", headers={"Content-Type": "text/csv"}),
                   415, "Content-Type"))
-    cases.append((client.post("/predict", json=good, headers={"X-Deadline-Ms": "soon"}), 422,
+    cases.append((client.post("/predict", json=good, headers={"X-Deadline-Ms": "soon"}), 400,
                   "X-Deadline-Ms"))
     for r, status, needle in cases:
         assert r.status_code == status, (status, needle, r.text)

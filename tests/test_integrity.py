@@ -302,3 +302,21 @@ def test_chunk_symlinked_outside_refused(tmp_path: Path) -> None:
     inner.symlink_to(tmp_path / "b_out")
     with pytest.raises(StoreFormatError, match="resolves outside the store"):
         open_store(path)
+
+
+def test_interrupted_trace_write_leaves_hidden_temp_cleaned_next_time(tmp_path: Path) -> None:
+    code = textwrap.dedent(f"""
+        import os
+        from traces.formats import TraceWriter
+        w = TraceWriter({str(tmp_path / "tr")!r}, ("x",))
+        os._exit(3)  # killed mid-write
+    """)
+    p = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                       timeout=60)
+    assert p.returncode == 3
+    left = [e.name for e in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".tr.tmp-"), left
+    from traces.formats import TraceWriter
+
+    with TraceWriter(tmp_path / "tr", ("x",)):
+        assert len(list(tmp_path.iterdir())) == 1  # the dead writer's folder is gone

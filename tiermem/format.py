@@ -495,7 +495,7 @@ def clean_stale_temps(target: Path) -> list[Path]:
     """Remove what interrupted writes of ``target`` left (``.NAME.tmp-PID-*``, ``.NAME.old-PID-*``)
     whose process is gone; a live writer's folder is kept. Returns the removed paths."""
     removed = []
-    pat = re.compile(rf"^\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)-[0-9a-f]+$")
+    pat = re.compile(rf"^\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)-[A-Za-z0-9_]+$")
     try:
         entries = list(os.scandir(target.parent))
     except OSError:

@@ -40,8 +40,9 @@ layout, i.e. per table CSR concatenated table-major::
 
 Table ``t`` alone is ``values[offsets[t*B]:offsets[(t+1)*B]]`` with offsets
 ``offsets[t*B:(t+1)*B+1] - offsets[t*B]``. A trace is written into
-``TRACE.tmp-*`` and renamed into place by :meth:`TraceWriter.close`, so a
-crashed write never leaves a directory that looks complete.
+the hidden ``.TRACE.tmp-PID-*`` and renamed into place by
+:meth:`TraceWriter.close`, so a crashed write never leaves a directory that
+looks complete; the next write of the same trace removes it once PID is gone.
 
 Errors
 ------
@@ -331,7 +332,11 @@ class TraceWriter:
         if self.path.exists() and not overwrite:
             raise ConfigError(f"{self.path} exists (pass overwrite=True to replace it)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=self.path.name + ".tmp-", dir=self.path.parent))
+        from tiermem.format import clean_stale_temps
+
+        clean_stale_temps(self.path)  # what interrupted writes of this trace left
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-",
+                                          dir=self.path.parent))
         chmod_default(self._tmp, directory=True)  # mkdtemp's 0700 would outlive the rename
         (self._tmp / "batches").mkdir()
         self._sizes: list[int] = []
@@ -418,7 +423,8 @@ class TraceWriter:
             if not self.overwrite:
                 self.abort()
                 raise ConfigError(f"{self.path} appeared while writing")
-            old = Path(tempfile.mkdtemp(prefix=self.path.name + ".old-", dir=self.path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-{os.getpid()}-",
+                                        dir=self.path.parent))
             os.replace(self.path, old / "x")
             os.replace(self._tmp, self.path)
             shutil.rmtree(old, ignore_errors=True)
@@ -497,7 +503,7 @@ class NativeTrace(Trace):
         meta_path = self.path / "trace.json"
         if not meta_path.is_file():
             raise TraceFormatError(f"{self.path}: not a tiermem trace (no trace.json; an "
-                                   "interrupted write leaves only a .tmp-* directory)")
+                                   "interrupted write leaves only a hidden .NAME.tmp-* directory)")
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError) as e:

@@ -768,7 +768,8 @@ def format_results(results: TuneResults, rec: Recommendation | None = None) -> s
         acc = sum(r.lookups for r in sim)
         lines.append(f"simulated {len(sim)} runs in {secs:.2f} s "
                      f"({acc / secs / 1e6 if secs > 0 else float('inf'):.1f} M lookups/s); "
-                     f"trace pass {results.prep_seconds:.2f} s")
+                     f"trace pass {results.prep_seconds:.2f} s; kernels compiled or loaded "
+                     f"before the timed runs in {results.compile_seconds:.2f} s")
     if rec is not None:
         lines.append(("recommendation: " if rec.met else "") + rec.message)
     return "\n".join(lines)

@@ -302,3 +302,46 @@ def test_shard_side_error_is_raised_then_served_again(cluster, model, tmp_path,
         finally:
             chunk.write_bytes(data)
         np.testing.assert_allclose(sharded.predict(dense, sparse), want, rtol=1e-6)
+
+
+def _listening(pids: set[int]) -> list[str]:
+    """Local addresses of the TCP sockets the given processes listen on (from /proc)."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                    out.append(cols[1])
+    return out
+
+
+def test_local_cluster_listens_on_loopback_only(cluster) -> None:
+    """Every server of the local cluster (GCS, raylet, workers, agents) is on 127.0.0.1."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    pids, grew = {os.getpid()}, True
+    while grew:  # our process tree: the cluster's servers and workers descend from this one
+        more = {p for p, pp in parent.items() if pp in pids} - pids
+        pids |= more
+        grew = bool(more)
+    addrs = _listening(pids)
+    assert addrs, "no Ray listener found"
+    # /proc hex: 0100007F = 127.0.0.1; v6: ::1, or ::ffff:127.0.0.1
+    loopback = ("0100007F:", "00000000000000000000000001000000:",
+                "0000000000000000FFFF00000100007F:")
+    assert all(a.startswith(loopback) for a in addrs), addrs

@@ -28,13 +28,27 @@ def import_ray() -> Any:
     return ray
 
 
+def _bind_loopback(ray: Any) -> None:
+    """Make a new local cluster use 127.0.0.1 as its node address, so its servers listen on
+    loopback only. Ray resolves a ``_node_ip_address`` of 127.0.0.1 to the machine's address;
+    it keeps loopback where clusters are off (its macOS/Windows default), a switch read from
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when ``ray`` is imported (set here for the processes
+    it starts, and on the module already imported)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    try:
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    except AttributeError:  # another Ray layout: its defaults apply
+        pass
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None,
             temp_dir: str | os.PathLike[str] | None = None,
-            namespace: str = "tiermem") -> bool:
+            namespace: str = "tiermem", loopback: bool = True) -> bool:
     """Make sure this process is connected to Ray; True if this call started a local cluster.
 
     A process already connected (``ray.init`` called by the user) is left as it
-    is. ``num_cpus`` and ``temp_dir`` only apply to a new local cluster.
+    is. ``num_cpus``, ``temp_dir`` and ``loopback`` only apply to a new local cluster;
+    ``loopback`` (the default) keeps its servers on 127.0.0.1, unreachable from other hosts.
     """
     global _started_here
     ray = import_ray()
@@ -45,6 +59,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     local = address is None and not os.environ.get("RAY_ADDRESS")
     if local:
         kwargs.update(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
+        if loopback:
+            _bind_loopback(ray)
         if temp_dir is not None:
             kwargs["_temp_dir"] = str(temp_dir)
     else:

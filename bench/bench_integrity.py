@@ -1,0 +1,94 @@
+"""The cost of block checksums: verified reads vs ``TierConfig(verify=False)``, interleaved.
+
+    python bench/bench_integrity.py [--rows 2000000 --dim 32 --reps 5]
+
+Two figures (the goals of issue 17): DRAM-tier load (every block hashed
+where it lies; goal <= 10%), and the cold SSD path (page cache dropped
+before each batch with POSIX_FADV_DONTNEED; reads widened to 4 KiB blocks,
+each hashed in the read kernel; goal <= 5%), plus the warm (page-cached) SSD
+path for reference. Runs alternate verified / unverified, so drift hits both;
+the ratio is of medians. Prints the CPU model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tiermem.config import TierConfig  # noqa: E402
+from tiermem.features import SparseFeatures  # noqa: E402
+from tiermem.format import TableSpec, create_random_store  # noqa: E402
+from tiermem.tiers import DramTier, SsdTier  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--dim", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=4096, help="ids per SSD batch")
+    ap.add_argument("--batches", type=int, default=10)
+    ap.add_argument("--dir", default=None, help="where the store goes (default: a temp folder)")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=a.dir) as d:
+        info = create_random_store(Path(d) / "s.zarr", [TableSpec("t", a.rows, a.dim)])
+        print(f"cpu: {cpu_model()}; store {info.nbytes / 2**20:.0f} MiB, rows {a.rows:,} x "
+              f"{a.dim} float32")
+        DramTier(info).close()  # compile, and bring the files into the page cache
+        load = {True: [], False: []}
+        for _ in range(a.reps):
+            for v in (True, False):
+                t0 = time.perf_counter()
+                DramTier(info, TierConfig(verify=v)).close()
+                load[v].append(time.perf_counter() - t0)
+        rng = np.random.default_rng(0)
+        batches = [SparseFeatures.from_lengths(["t"], rng.integers(0, a.rows, a.batch),
+                                               [a.batch]) for _ in range(a.batches)]
+        ssd = {(v, cold): [] for v in (True, False) for cold in (True, False)}
+        tiers = {v: SsdTier(info, TierConfig(kind="ssd", verify=v)) for v in (True, False)}
+        for v in (True, False):
+            tiers[v].pool(batches[0])  # compile
+        for _ in range(a.reps):
+            for cold in (True, False):
+                for v in (True, False):
+                    t0 = 0.0
+                    for b in batches:
+                        if cold:
+                            tiers[v].drop_page_cache()
+                        s = time.perf_counter()
+                        tiers[v].pool(b)
+                        t0 += time.perf_counter() - s
+                    ssd[(v, cold)].append(t0 / len(batches))
+        for t in tiers.values():
+            t.close()
+
+    def ratio(on: list[float], off: list[float]) -> str:
+        m1, m0 = statistics.median(on), statistics.median(off)
+        return f"{m1 * 1e3:8.2f} ms vs {m0 * 1e3:8.2f} ms  ratio {m1 / m0:.3f}"
+
+    print(f"DRAM-tier load      verified vs off: {ratio(load[True], load[False])}")
+    print(f"SSD batch, cold     verified vs off: {ratio(ssd[(True, True)], ssd[(False, True)])}")
+    print(f"SSD batch, cached   verified vs off: {ratio(ssd[(True, False)], ssd[(False, False)])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -124,7 +124,8 @@ NPZ_TYPES = ("application/x-npz", "application/npz", "application/octet-stream")
 NPZ_MAX_MEMBERS = 64
 """Most members an ``.npz`` body may have (a request needs at most six)."""
 DECODE_OFF_LOOP_BYTES = 64 << 10
-"""Bodies larger than this are decoded on a decode thread, not on the event loop."""
+"""Bodies larger than this (and every npz: a small one may inflate 1000x) are decoded
+on a decode thread, not on the event loop."""
 BODY_TOTAL_TIMEOUT_S = 60.0
 """Longest a request body may take to arrive, however steadily it trickles."""
 _ZIP_METHODS = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA", 9: "deflate64",
@@ -710,7 +711,7 @@ def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BOD
         t_body = time.monotonic()
         if reject_mode and batcher.queue_full():  # decided before any decoding work
             raise HTTPError(503, "overloaded: the request queue is full", retry)
-        if len(body) > DECODE_OFF_LOOP_BYTES:
+        if len(body) > DECODE_OFF_LOOP_BYTES or ctype_s in NPZ_TYPES:  # npz: may inflate
             loop = asyncio.get_running_loop()
             dense, sparse, jd = await loop.run_in_executor(decode_pool, decode, body, ctype_s)
         else:

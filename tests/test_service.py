@@ -744,5 +744,13 @@ def test_serve_parser_and_commands():
     assert a.host == "127.0.0.1" and a.port == 8000
     assert a.cache_size == {"capacity_fraction": 0.1} and a.max_body_bytes == 1 << 20
     assert set(SERVE_COMMANDS) == {"serve"}
+    a = ap.parse_args(["serve", "--model", "m", "--store", "s", "--auth-token", "t",
+                       "--body-timeout-s", "2", "--limit-concurrency", "9",
+                       "--max-request-samples", "10", "--max-json-bytes", "1KiB"])
+    assert (a.auth_token, a.body_timeout_s, a.limit_concurrency, a.max_request_samples,
+            a.max_json_bytes) == ("t", 2.0, 9, 10, 1024)
+    for bad in (["--body-timeout-s", "0"], ["--max-request-samples", "0"]):
+        with pytest.raises(SystemExit):
+            ap.parse_args(["serve", "--model", "m", "--store", "s", *bad])
     with pytest.raises(SystemExit):
         ap.parse_args(["serve", "--model", "m", "--store", "s", "--cache-size", "lots"])

@@ -141,3 +141,110 @@ def test_dense_index_refuses_keys_outside_its_space():
         p.use_dense_index(20)
     with pytest.raises(ConfigError, match="key space"):
         make_policy("lru", 4).use_dense_index(0)
+
+
+def _replay(name, cap, dense, key_space, warm_batches):
+    p = make_policy(name, cap, **({"dynamic": "clock"} if name == "hybrid" else {}))
+    if dense:
+        p.use_dense_index(key_space)
+    if name == "hybrid" and cap > 2:
+        p.pin_static(np.arange(min(2, key_space)))
+    for keys in warm_batches:
+        uniq, _, counts = dedupe_first(keys)
+        p.access(uniq, counts)
+    return p
+
+
+@SETTINGS
+@given(scenarios(), st.sampled_from(["clock", "fifo", "hybrid"]), st.booleans(),
+       st.integers(0, 2**32 - 1), st.booleans())
+def test_parallel_resolve_of_hits_equals_resolve(scn, name, dense, seed, with_miss):
+    """The parallel pass for batches of hits leaves the state of ``resolve`` exactly; when
+    a lookup misses it gives up, and ``resolve`` after it lands in the same state."""
+    rows, cap, batches = scn
+    rng = np.random.default_rng(seed)
+    base = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+    key_space = int(sum(rows))
+    warm = [offset_ids(v, np.concatenate([[0], np.cumsum(ln)]).astype(np.int64), b, base)
+            for b, v, ln in batches]
+    ref = _replay(name, cap, dense, key_space, warm)
+    fast = _replay(name, cap, dense, key_space, warm)
+    resident = ref.keys()
+    if resident.size == 0:
+        return
+    # a batch of resident keys (repeats included), maybe one key that is not
+    bsz = int(rng.integers(1, 5))
+    table_of = np.searchsorted(np.cumsum(rows), resident, side="right")
+    vals, lens = [], []
+    for t in range(len(rows)):
+        mine = resident[table_of == t] - base[t]
+        for _ in range(bsz):
+            n = int(rng.integers(0, 4)) if mine.size else 0
+            lens.append(n)
+            vals += list(rng.choice(mine, n)) if n else []
+    if with_miss and resident.size < key_space:
+        absent = np.setdiff1d(np.arange(key_space), resident)
+        k = int(rng.choice(absent))
+        t = int(np.searchsorted(np.cumsum(rows), k, side="right"))
+        pos = int(sum(lens[:(t + 1) * bsz]))
+        vals.insert(pos, k - int(base[t]))
+        lens[(t + 1) * bsz - 1] += 1
+    vals = np.asarray(vals, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    ready = np.ones(cap, bool)
+    pre_ref = rng.random(cap) < 0.3
+    pre_fast = pre_ref.copy()
+    sr, sf = BatchScratch(), BatchScratch()
+    sr.ensure(vals.size, len(rows))
+    sf.ensure(vals.size, len(rows))
+    want = ref.resolve(vals, offsets, bsz, base, ready, pre_ref, sr)
+    ok, nu, useful = fast.resolve_resident(vals, offsets, bsz, base, ready, pre_fast, sf)
+    if ok:
+        assert want[1] == 0 and nu == want[0] and useful == want[4]
+        np.testing.assert_array_equal(sf.lookup_slot[:vals.size], sr.lookup_slot[:vals.size])
+        np.testing.assert_array_equal(sf.tstats, sr.tstats)
+    else:
+        assert want[1] > 0
+        again = fast.resolve(vals, offsets, bsz, base, ready, pre_fast, sf)
+        assert again[:4] == want[:4] and useful + again[4] == want[4]
+        np.testing.assert_array_equal(sf.tstats, sr.tstats)
+        fast.unpin(sf.miss_slots())
+        ref.unpin(sr.miss_slots())
+        # the pass that gave up used an epoch of its own: equal up to the epoch's value
+        # (the same slots carry the latest call's mark)
+        for p in (ref, fast):
+            node, sc = p._st.node, p._st.sc
+            node[:, kernels.N_MARK] = node[:, kernels.N_MARK] == sc[kernels.M_EPOCH]
+            sc[kernels.M_EXHAUSTED] = sc[kernels.M_EXHAUSTED] == sc[kernels.M_EPOCH]
+            sc[kernels.M_EPOCH] = 0
+    np.testing.assert_array_equal(pre_fast, pre_ref)
+    for x, y in zip(_state(ref), _state(fast), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert ref.stats == fast.stats
+
+
+@pytest.mark.parametrize("name", ["clock", "fifo"])
+def test_parallel_resolve_of_a_large_batch_across_chunks(name):
+    rows = (30_000, 5)
+    base = np.array([0, rows[0]], np.int64)
+    ref, fast = (make_policy(name, sum(rows)) for _ in range(2))
+    keys = np.arange(sum(rows), dtype=np.int64)
+    ref.access(keys)
+    fast.access(keys)
+    rng = np.random.default_rng(0)
+    B = 9000  # table 0 spans three chunks of the parallel pass
+    vals = np.concatenate([rng.integers(0, r, B * 2) for r in rows]).astype(np.int64)
+    offsets = np.arange(0, vals.size + 1, 2, dtype=np.int64)
+    sr, sf = BatchScratch(), BatchScratch()
+    sr.ensure(vals.size, 2)
+    sf.ensure(vals.size, 2)
+    flags = np.ones(ref.capacity, bool), np.zeros(ref.capacity, bool)
+    want = ref.resolve(vals, offsets, B, base, *flags, sr)
+    ok, nu, _ = fast.resolve_resident(vals, offsets, B, base, *flags, sf)
+    assert ok and nu == want[0] and want[1] == 0
+    np.testing.assert_array_equal(sf.lookup_slot[:vals.size], sr.lookup_slot[:vals.size])
+    np.testing.assert_array_equal(sf.tstats, sr.tstats)
+    for x, y in zip(_state(ref), _state(fast), strict=True):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ConfigError, match="order-dependent"):
+        make_policy("lru", 4).resolve_resident(vals, offsets, B, base, *flags, sf)

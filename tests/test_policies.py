@@ -571,5 +571,9 @@ def test_kernels_take_flags_from_flags_module() -> None:
     src = inspect.getsource(kernels)
     decorators = re.findall(r"^@njit.*$", src, flags=re.M)
     assert decorators
-    assert all(d.startswith("@njit(**SERIAL") for d in decorators), decorators
+    assert all(d.startswith("@njit(**SERIAL") or d == "@njit(**PARALLEL)"
+               for d in decorators), decorators
+    # the one parallel kernel: a batch of hits under order-free policies
+    assert re.findall(r"^@njit\(\*\*PARALLEL\)\ndef (\w+)", src, flags=re.M) == [
+        "cache_resolve_resident"]
     assert "import numba\n" not in src

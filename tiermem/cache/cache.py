@@ -29,6 +29,7 @@ from tiermem.cache.policy import BatchScratch, CachePolicy, make_policy
 from tiermem.config import PoolingMode, TierConfig, parse_share_or_bytes
 from tiermem.errors import CapacityError, ConfigError, StoreError
 from tiermem.features import SparseFeatures
+from tiermem.kernels import current_threads as num_threads
 from tiermem.kernels.dedupe import offset_ids
 from tiermem.quantize import RowDtype
 from tiermem.stats import TableStats
@@ -120,6 +121,11 @@ class CacheConfig:
 PREFETCH_CHUNK_ROWS = 1024
 
 
+#: lookups from which a batch of hits is resolved on every thread (below, one thread's
+#: pass costs less than waking the others)
+PARALLEL_RESOLVE_MIN = 8192
+
+
 @dataclass
 class PrefetchCounters:
     """What the prefetcher did; see :mod:`tiermem.cache.prefetch`."""
@@ -159,6 +165,8 @@ class _Group:
     """slots not ready now (being read): 0 lets a batch skip the ready checks."""
     prefetch_seen: bool = False
     """the prefetcher has filled slots: batches check the prefetched flags."""
+    parallel_hits: bool = False
+    """the policy resolves a batch of hits on all threads (CLOCK, FIFO)."""
 
 
 class CachedTier(Tier):
@@ -202,7 +210,8 @@ class CachedTier(Tier):
                 pool=np.zeros((cap, dim), dtype.numpy),
                 qpool=np.zeros((cap, 2), np.float32) if dtype.quantized else None,
                 ready=np.ones(cap, bool), prefetched=np.zeros(cap, bool),
-                prefetching=np.zeros(cap, bool), key_table=key_table)
+                prefetching=np.zeros(cap, bool), key_table=key_table,
+                parallel_hits=policy.parallel_hits)
         if hot_profile is not None:
             self.pin_hot(hot_profile)
 
@@ -322,14 +331,24 @@ class CachedTier(Tier):
         zero = np.zeros(len(tids), np.int64)
         ls = sc.lookup_slot[:n]
         with self._lock:
-            nu, nm, nev, nwait, useful = g.policy.resolve(
-                features.values, features.offsets, features.batch_size, g.base[tids],
-                g.ready, g.prefetched, sc, check_ready=g.filling > 0,
-                check_prefetched=g.prefetch_seen)
-            self.prefetch_counters.useful += useful
-            self._note_evictions(g, sc.ev_slots[:nev])
-            hit_slots = sc.hit_slots()
-            resident = nm == 0 and nwait == 0
+            fast = False
+            if g.parallel_hits and n >= PARALLEL_RESOLVE_MIN and num_threads() > 1:
+                # the steady state, a batch of hits only: resolved on every thread (a
+                # miss found sends the batch down the serial path below)
+                fast, nu, useful = g.policy.resolve_resident(
+                    features.values, features.offsets, features.batch_size, g.base[tids],
+                    g.ready, g.prefetched, sc, check_ready=g.filling > 0,
+                    check_prefetched=g.prefetch_seen)
+                self.prefetch_counters.useful += useful
+            if not fast:
+                nu, nm, nev, nwait, useful = g.policy.resolve(
+                    features.values, features.offsets, features.batch_size, g.base[tids],
+                    g.ready, g.prefetched, sc, check_ready=g.filling > 0,
+                    check_prefetched=g.prefetch_seen)
+                self.prefetch_counters.useful += useful
+                self._note_evictions(g, sc.ev_slots[:nev])
+                hit_slots = sc.hit_slots()
+            resident = fast or (nm == 0 and nwait == 0)
             if resident:
                 # Every row is in its slot: pool now, under the lock, so no other
                 # batch can evict them meanwhile (no pins, no second pass).

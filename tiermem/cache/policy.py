@@ -43,6 +43,7 @@ _pin = _k.FastCall(_k.policy_pin)
 _unpin = _k.FastCall(_k.policy_unpin)
 _pin_static = _k.FastCall(_k.policy_pin_static)
 _resolve = _k.FastCall(_k.cache_resolve)
+_resolve_resident = _k.FastCall(_k.cache_resolve_resident)
 
 __all__ = [
     "AccessResult",
@@ -441,6 +442,35 @@ class CachePolicy:
         nu, nm, nev, nwait, nuseful = (int(x) for x in out)  # type: ignore[union-attr]
         sc.nu, sc.nm, sc.nev = nu, nm, nev
         return nu, nm, nev, nwait, nuseful
+
+    @property
+    def parallel_hits(self) -> bool:
+        """Whether a batch of hits only can be resolved on all threads
+        (:meth:`resolve_resident`): CLOCK and FIFO without TinyLFU, whose hit touches
+        do not depend on order."""
+        sc = self._st.sc
+        return int(sc[_k.Q_POLICY]) in (_k.P_CLOCK, _k.P_FIFO) and int(sc[_k.Q_TINYLFU]) == 0
+
+    def resolve_resident(self, values: np.ndarray, offsets: np.ndarray, batch_size: int,
+                         base: np.ndarray, ready: np.ndarray, prefetched: np.ndarray,
+                         scratch: BatchScratch, *, check_ready: bool = True,
+                         check_prefetched: bool = True) -> tuple[bool, int, int]:
+        """:meth:`resolve` of a batch whose rows are all resident, in parallel
+        (:attr:`parallel_hits` policies only; the caller holds the batch's rows by its
+        own lock, not by pins). Returns ``(ok, distinct hits, prefetched hits)``; when
+        not ``ok`` a row was missing and the caller runs :meth:`resolve` (the
+        prefetched hits returned are counted either way). Same arguments and
+        ``scratch`` results (``lookup_slot``, ``tstats``) as :meth:`resolve`."""
+        if not self.parallel_hits:
+            raise ConfigError(f"{self.name}: hits are order-dependent; use resolve()")
+        with self._lock:
+            ok, nu, nuseful = _resolve_resident(
+                self._st, values, offsets, np.int64(batch_size), base, ready, prefetched,
+                bool(check_ready), bool(check_prefetched), scratch.lookup_slot,
+                scratch.tstats)  # type: ignore[misc]
+        if ok:
+            scratch.nu, scratch.nm, scratch.nev = int(nu), 0, 0
+        return bool(ok), int(nu), int(nuseful)
 
     def keys_of(self, slots: np.ndarray) -> np.ndarray:
         """The key held by each of ``slots`` (-1 = free)."""

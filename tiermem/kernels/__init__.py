@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numba
 
-__all__ = ["KernelCensus", "kernel_cache_dir", "kernel_census", "max_threads", "resolve_threads", "threads"]
+__all__ = ["KernelCensus", "current_threads", "kernel_cache_dir", "kernel_census", "max_threads", "resolve_threads", "threads"]
 
 #: the modules whose ``@njit`` functions make up tiermem's kernels
 _MODULES = ("dedupe", "jagged", "nextuse", "policies", "rowio", "sls", "validate")
@@ -60,6 +60,13 @@ def kernel_census() -> KernelCensus:
 def max_threads() -> int:
     """Most threads a parallel kernel can use (NUMBA_NUM_THREADS, the core count)."""
     return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def current_threads() -> int:
+    """Threads a parallel kernel started by the calling thread would use now."""
+    from tiermem.kernels.sls import _num_threads
+
+    return _num_threads()
 
 
 def resolve_threads(n: int | str | None) -> int | None:

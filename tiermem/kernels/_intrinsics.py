@@ -289,6 +289,28 @@ def atomic_fetch_add(typingctx, arr, idx, val):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
+def atomic_exchange_2d(typingctx, arr, row, col, val):  # type: ignore[no-untyped-def]
+    """``old = arr[row, col]; arr[row, col] = val`` atomically (int64 2-D array); returns
+    ``old``: of several threads writing the same value, exactly one sees another one."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.dtype == types.int64
+            and isinstance(row, types.Integer) and isinstance(col, types.Integer)
+            and isinstance(val, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        aty = sig.args[0]
+        ary = context.make_array(aty)(context, builder, args[0])
+        r = context.cast(builder, args[1], sig.args[1], types.intp)
+        c = context.cast(builder, args[2], sig.args[2], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, aty, ary, [r, c], wraparound=False,
+                                       boundscheck=False)
+        v = context.cast(builder, args[3], sig.args[3], types.int64)
+        return builder.atomic_rmw("xchg", ptr, v, "seq_cst")
+
+    return types.int64(arr, row, col, val), codegen
+
+
+@intrinsic
 def vfma(typingctx, acc, x, s):  # type: ignore[no-untyped-def]
     """``acc + x * s`` lane by lane, with one rounding (``llvm.fma``; FMA3 on x86)."""
     if not (isinstance(acc, F32Vec) and acc == x and isinstance(s, types.Float)):

@@ -69,10 +69,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, typeof
+from numba import njit, prange, typeof
 
-from tiermem.kernels._flags import SERIAL
-from tiermem.kernels._intrinsics import prefetch_row
+from tiermem.kernels._flags import PARALLEL, SERIAL
+from tiermem.kernels._intrinsics import atomic_exchange_2d, prefetch_row
 
 __all__ = [
     "F_INM",
@@ -1253,6 +1253,95 @@ def cache_resolve(st, values, offsets, batch_size, base, ready, prefetched, chec
                 if s >= 0:
                     lookup_slot[i] = s
     return nu, nm, nev, nwait, nuseful
+
+
+#: lookups per chunk of :func:`cache_resolve_resident`'s parallel pass
+_RESIDENT_CHUNK = 4096
+
+
+@njit(**PARALLEL)
+def cache_resolve_resident(st, values, offsets, batch_size, base, ready, prefetched,  # type: ignore[no-untyped-def]
+                           check_ready, check_prefetched, lookup_slot, tstats):
+    """:func:`cache_resolve` of a batch whose every row is resident, on all threads.
+
+    For CLOCK and FIFO (no TinyLFU) a hit's whole effect is order-free: CLOCK
+    sets the slot's reference bit (idempotent), FIFO nothing, and a repeat
+    within the batch is told by the slot's mark, swapped in atomically so
+    that exactly one thread sees a key's first occurrence. Chunks of the
+    batch run in parallel; each writes ``lookup_slot`` of its lookups.
+    Returns ``(ok, distinct hits, prefetched hits)``: with ``ok == 0`` some
+    lookup missed (or was not ready) and nothing but what :func:`cache_resolve`
+    would do anyway was done (reference bits of hits set, their prefetched
+    flags cleared: the caller counts the returned prefetched hits, then
+    runs :func:`cache_resolve`); with ``ok == 1`` the state and the policy's
+    counters are those of :func:`cache_resolve` and ``tstats`` holds the
+    per-table counts.
+    """
+    idx, node, work, ghost, gidx, sketch, sc = st
+    bits = sc[Q_BITS]
+    clock = sc[Q_POLICY] == P_CLOCK
+    epoch = sc[M_EPOCH] + 1
+    sc[M_EPOCH] = epoch
+    T = base.size
+    # chunks of at most _RESIDENT_CHUNK lookups, never across a table boundary
+    nchunks = 0
+    for t in range(T):
+        n = offsets[(t + 1) * batch_size] - offsets[t * batch_size]
+        nchunks += (n + _RESIDENT_CHUNK - 1) // _RESIDENT_CHUNK
+    ct = np.empty(nchunks, np.int64)
+    ca = np.empty(nchunks, np.int64)
+    c = 0
+    for t in range(T):
+        s0 = offsets[t * batch_size]
+        e0 = offsets[(t + 1) * batch_size]
+        for a in range(s0, e0, _RESIDENT_CHUNK):
+            ct[c] = t
+            ca[c] = a
+            c += 1
+    res = np.zeros((nchunks, 4), np.int64)  # failed, distinct hits, hit lookups, useful
+    for c in prange(nchunks):
+        t = ct[c]
+        a = ca[c]
+        e = min(a + _RESIDENT_CHUNK, offsets[(t + 1) * batch_size])
+        b = base[t]
+        distinct = 0
+        useful = 0
+        for i in range(a, e):
+            if i + 2 * _PF < e:
+                prefetch_row(idx, _line(idx, bits, b + values[i + 2 * _PF]), np.int64(0))
+            if i + _PF < e:
+                s2 = _idx_find(idx, bits, b + values[i + _PF])
+                if s2 >= 0:
+                    prefetch_row(node, np.int64(s2), np.int64(0))
+            s = _idx_find(idx, bits, b + values[i])
+            if s < 0 or (check_ready and not ready[s]):
+                res[c, 0] = 1
+                break
+            lookup_slot[i] = s
+            if atomic_exchange_2d(node, s, N_MARK, epoch) != epoch:
+                distinct += 1
+                if clock and (node[s, N_FLAGS] & F_STATIC) == 0:
+                    node[s, N_REF] = 1
+                if check_prefetched and prefetched[s]:
+                    prefetched[s] = False
+                    useful += 1
+        res[c, 1] = distinct
+        res[c, 2] = e - a
+        res[c, 3] = useful
+    ok = 1
+    nu = 0
+    nuseful = 0
+    for c in range(nchunks):
+        if res[c, 0] != 0:
+            ok = 0
+        nu += res[c, 1]
+        nuseful += res[c, 3]
+    if ok == 1:
+        for c in range(nchunks):
+            tstats[ct[c], 0] += res[c, 1]
+            tstats[ct[c], 2] += res[c, 2]
+        sc[S_HITS] += nu
+    return ok, nu, nuseful
 
 
 class FastCall:

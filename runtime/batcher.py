@@ -22,7 +22,10 @@ Rules
   admitted only into an empty queue, so it is never refused forever). When
   full, ``overload="reject"`` raises :class:`Overloaded` at once;
   ``overload="wait"`` blocks up to ``wait_timeout_s`` (and never past the
-  request's deadline), then raises :class:`Overloaded`.
+  request's deadline), then raises :class:`Overloaded`. The queue may also be
+  bounded in time (``max_queue_delay_ms``): a request still queued that long
+  after it arrived fails with :class:`Overloaded` (at that moment, or when its
+  batch is about to start) instead of running late.
 - **Deadlines.** A deadline is the time by which the answer must be there.
   A request fails with :class:`DeadlineExceeded` (counted in
   ``deadline_missed``) when: its ``submit`` comes after the deadline, or the
@@ -127,6 +130,10 @@ class BatcherConfig:
     """When the queue is full: ``"reject"`` (raise :class:`Overloaded` at once) or ``"wait"``."""
     wait_timeout_s: float = 1.0
     """``overload="wait"``: longest a submit blocks for room before :class:`Overloaded`."""
+    max_queue_delay_ms: float | None = None
+    """A bound on the queue in time: a request that has waited longer than this since it
+    arrived, its batch not yet started, fails with :class:`Overloaded` (counted in
+    ``rejected`` and ``queue_expired``) instead of running late. None: no bound."""
     prefetch_batches: int = 2
     """Upcoming batches announced to the session's prefetcher (0 = none)."""
     workers: int = 1
@@ -151,6 +158,11 @@ class BatcherConfig:
         if self.overload not in OVERLOAD_MODES:
             raise ConfigError(f"{type(self).__name__}.overload must be one of {OVERLOAD_MODES}, "
                               f"got {self.overload!r}")
+        v = self.max_queue_delay_ms
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not 0 < v <= MAX_DEADLINE_S * 1e3):
+            raise ConfigError(f"{type(self).__name__}.max_queue_delay_ms must be None or a "
+                              f"number in (0, {MAX_DEADLINE_S * 1e3:.0f}], got {v!r}")
 
 
 def concat_features(parts: list[SparseFeatures]) -> SparseFeatures:
@@ -179,6 +191,7 @@ def concat_features(parts: list[SparseFeatures]) -> SparseFeatures:
 
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
+_DEADLINE, _QUEUE_DELAY = 0, 1
 
 
 class ServiceTime:
@@ -246,7 +259,10 @@ class BatcherCounters:
     invalid: int = 0
     """requests refused on submit (bad shape, ids, tables)."""
     rejected: int = 0
-    """requests refused because the queue was full (:class:`Overloaded`)."""
+    """requests refused because the queue was full (:class:`Overloaded`), or failed
+    with it after waiting longer than ``max_queue_delay_ms``."""
+    queue_expired: int = 0
+    """of ``rejected``: requests that waited longer than ``max_queue_delay_ms``."""
     deadline_missed: int = 0
     """requests failed with :class:`DeadlineExceeded`: refused by the service-time
     estimate, expired while queued, or finished after their deadline."""
@@ -273,7 +289,8 @@ class DynamicBatcher:
         ``on_batch(samples, requests, seconds)`` after each batch ran.
     on_done : callable, optional
         ``on_done(outcome, latency_seconds)`` when a request is answered;
-        ``outcome`` is ``"ok"``, ``"error"``, ``"deadline"`` or ``"cancelled"``.
+        ``outcome`` is ``"ok"``, ``"error"``, ``"deadline"``, ``"overload"`` (waited past
+        ``max_queue_delay_ms``) or ``"cancelled"``.
 
     Notes
     -----
@@ -296,7 +313,10 @@ class DynamicBatcher:
         self._queue: deque[_Request] = deque()
         self._queued_requests = 0
         self._queued_samples = 0
-        self._deadlines: list[tuple[float, int, _Request]] = []
+        self._deadlines: list[tuple[float, int, int, _Request]] = []
+        """(time, seq, _DEADLINE | _QUEUE_DELAY, request): what the reaper watches."""
+        self._max_queue_delay = (None if self.config.max_queue_delay_ms is None
+                                 else self.config.max_queue_delay_ms / 1e3)
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._closed = False
@@ -464,7 +484,10 @@ class DynamicBatcher:
         self._queued_samples += req.size
         self.counters.submitted += 1
         if req.deadline is not None:
-            heapq.heappush(self._deadlines, (req.deadline, req.seq, req))
+            heapq.heappush(self._deadlines, (req.deadline, req.seq, _DEADLINE, req))
+        if self._max_queue_delay is not None:
+            heapq.heappush(self._deadlines,
+                           (req.t_submit + self._max_queue_delay, req.seq, _QUEUE_DELAY, req))
         self._cv.notify_all()
         return req.future
 
@@ -562,18 +585,29 @@ class DynamicBatcher:
         self._queued_requests -= 1
         self._queued_samples -= req.size
 
-    def _expire_locked(self, now: float) -> list[_Request]:
-        out = []
+    def _expire_locked(self, now: float) -> tuple[list[_Request], list[_Request]]:
+        """Queued requests past their deadline, and past ``max_queue_delay_ms``."""
+        late: list[_Request] = []
+        stale: list[_Request] = []
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, req = heapq.heappop(self._deadlines)
+            _, _, kind, req = heapq.heappop(self._deadlines)
             if req.state == _QUEUED:
                 req.state = _DONE
                 self._take(req)
-                self.counters.deadline_missed += 1
-                out.append(req)
-        if out:
+                if kind == _DEADLINE:
+                    self.counters.deadline_missed += 1
+                    late.append(req)
+                else:
+                    self.counters.rejected += 1
+                    self.counters.queue_expired += 1
+                    stale.append(req)
+        if late or stale:
             self._cv.notify_all()
-        return out
+        return late, stale
+
+    def _queue_delay_message(self) -> str:
+        return (f"overloaded: the request waited over {self.config.max_queue_delay_ms:g} ms "
+                "in the queue (max_queue_delay_ms) before its batch could start")
 
     def _fail(self, reqs: list[_Request], exc_type: type[Exception], msg: str,
               outcome: str) -> None:
@@ -602,13 +636,14 @@ class DynamicBatcher:
         with self._cv:
             while not self._stopped:
                 now = time.monotonic()
-                expired = self._expire_locked(now)
-                if expired:
+                expired, stale = self._expire_locked(now)
+                if expired or stale:
                     self._cv.release()
                     try:
                         self._fail(expired, DeadlineExceeded,
                                    "the request's deadline passed while it waited in the queue",
                                    "deadline")
+                        self._fail(stale, Overloaded, self._queue_delay_message(), "overload")
                         self._room()
                     finally:
                         self._cv.acquire()
@@ -697,11 +732,15 @@ class DynamicBatcher:
             now = time.monotonic()
             live: list[_Request] = []
             late: list[_Request] = []
+            stale: list[_Request] = []
             with self._cv:
                 est = self.service_time.estimate(sum(r.size for r in batch))
             end = now + (est or 0.0)  # when the batch would end, by the estimate
+            oldest_ok = -math.inf if self._max_queue_delay is None else now - self._max_queue_delay
             for r in batch:
-                if r.deadline is not None and end >= r.deadline:
+                if r.t_submit < oldest_ok:  # waited too long (the reaper had not got to it)
+                    stale.append(r)
+                elif r.deadline is not None and end >= r.deadline:
                     late.append(r)
                 elif r.future.set_running_or_notify_cancel():
                     live.append(r)
@@ -716,6 +755,11 @@ class DynamicBatcher:
                 self._fail(late, DeadlineExceeded,
                            "the request's deadline passed, or would by the end of its batch "
                            "(service-time estimate), before it could run", "deadline")
+            if stale:
+                with self._cv:
+                    self.counters.rejected += len(stale)
+                    self.counters.queue_expired += len(stale)
+                self._fail(stale, Overloaded, self._queue_delay_message(), "overload")
             for group in upcoming:
                 try:
                     self.session.prefetch(concat_features([r.sparse for r in group]))

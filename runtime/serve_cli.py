@@ -98,6 +98,9 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
     b.add_argument("--overload", choices=["reject", "wait"], default="reject",
                    help="queue full: answer 503 at once (reject) or wait --wait-timeout-s")
     b.add_argument("--wait-timeout-s", type=_nonneg_float, default=1.0)
+    b.add_argument("--max-queue-delay-ms", type=_positive_float, default=None,
+                   help="a request still queued this long after it arrived gets 503 instead "
+                   "of running late (default: no bound in time)")
     b.add_argument("--default-deadline-ms", type=_positive_float, default=None,
                    help="deadline of requests that give none (default: none)")
     b.add_argument("--max-body-bytes", type=_bytes, default=DEFAULT_MAX_BODY_BYTES,

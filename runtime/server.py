@@ -922,6 +922,7 @@ def build_runtime(args: argparse.Namespace) -> ServingRuntime:
                          max_request_samples=args.max_request_samples,
                          max_request_ids=args.max_request_ids,
                          wait_timeout_s=args.wait_timeout_s,
+                         max_queue_delay_ms=args.max_queue_delay_ms,
                          default_deadline_ms=args.default_deadline_ms,
                          warmup=not args.no_warmup,
                          prefetch_batches=max(args.prefetch_lookahead, 1),

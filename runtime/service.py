@@ -88,6 +88,10 @@ class ServingConfig:
     ``wait_timeout_s``, then ``Overloaded``)."""
     wait_timeout_s: float = 1.0
     """``overload="wait"``: longest a submit blocks for room."""
+    max_queue_delay_ms: float | None = None
+    """A bound on the queue in time: a request still waiting for its batch to start this
+    long after it arrived fails with ``Overloaded`` (HTTP 503; counted in ``rejected``
+    and ``queue_expired``) instead of running late. None: only the count bounds."""
     default_deadline_ms: float | None = None
     """Deadline of requests that give none (None: no deadline)."""
     warmup: bool = True
@@ -123,6 +127,7 @@ class ServingConfig:
                              max_request_samples=self.max_request_samples,
                              max_request_ids=self.max_request_ids,
                              wait_timeout_s=self.wait_timeout_s,
+                             max_queue_delay_ms=self.max_queue_delay_ms,
                              prefetch_batches=self.prefetch_batches, workers=self.workers)
 
     def to_dict(self) -> dict[str, Any]:
@@ -378,14 +383,15 @@ class ServingRuntime:
         """A snapshot: request outcomes, histograms, queue depth, tier and cache figures.
 
         ``requests``: ``submitted`` (accepted), ``completed``, ``failed``,
-        ``invalid`` (refused on submit), ``rejected`` (overload),
+        ``invalid`` (refused on submit), ``rejected`` (overload; ``queue_expired`` of
+        them waited past ``max_queue_delay_ms``),
         ``deadline_missed``, ``cancelled``. ``latency_seconds`` covers completed
         requests, submit to answer. ``tier`` reports the cold tier's reads and,
         with a cache, hit rates and the DRAM it holds.
         """
         snap = self.batcher.snapshot()
         req_keys = ("submitted", "completed", "failed", "invalid", "rejected",
-                    "deadline_missed", "cancelled")
+                    "queue_expired", "deadline_missed", "cancelled")
         with self._fault_lock:
             faults = dict(self.fault_counts)
         return {

@@ -236,6 +236,39 @@ def test_overload_wait_times_out_then_succeeds(session):
                                    **TOL)
 
 
+def test_queue_bound_in_time(session):
+    """max_queue_delay_ms: a request stuck in the queue behind a slow batch is refused
+    (Overloaded, HTTP 503) when the bound passes, not run late; one that waited less runs."""
+    gated = Gated(session)
+    reqs = requests(4, seed=7, max_b=4)
+    cfg = ServingConfig(max_delay_ms=0, max_queue_delay_ms=150, warmup=False)
+    with ServingRuntime(gated, cfg) as rt, serve(rt) as url, \
+            httpx.Client(base_url=url, timeout=20) as client:
+        first = rt.submit(*reqs[0])
+        assert gated.entered.wait(10)  # the worker is stuck in the first batch
+        t0 = time.monotonic()
+        stale = rt.submit(*reqs[1])
+        with pytest.raises(Overloaded, match="max_queue_delay_ms"):
+            stale.result(5)
+        waited = time.monotonic() - t0
+        assert 0.14 < waited < 0.6, waited  # refused at the bound, while the gate is shut
+        r = client.post("/predict", content=encode_request(*reqs[2]),
+                        headers={"Content-Type": BINARY_TYPE})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert "max_queue_delay_ms" in r.json()["error"]
+        assert gated.sizes == []  # neither ever reached the session
+        gated.gate.set()
+        np.testing.assert_allclose(first.result(10), session.predict(*reqs[0]), **TOL)
+        np.testing.assert_allclose(rt.predict(*reqs[3]), session.predict(*reqs[3]), **TOL)
+        m = rt.metrics()["requests"]
+        assert (m["rejected"], m["queue_expired"], m["completed"]) == (2, 2, 2), m
+        fams = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+        got = {s.labels["outcome"]: s.value for s in fams["tiermem_requests"].samples}
+        assert got["queue_expired"] == 2
+    with pytest.raises(ConfigError, match="max_queue_delay_ms"):
+        ServingConfig(max_queue_delay_ms=0)
+
+
 def test_deadlines_fail_fast(session):
     gated = Gated(session)
     reqs = requests(3, seed=7, max_b=4)
@@ -749,7 +782,10 @@ def test_serve_parser_and_commands():
                        "--max-request-samples", "10", "--max-json-bytes", "1KiB"])
     assert (a.auth_token, a.body_timeout_s, a.limit_concurrency, a.max_request_samples,
             a.max_json_bytes) == ("t", 2.0, 9, 10, 1024)
-    for bad in (["--body-timeout-s", "0"], ["--max-request-samples", "0"]):
+    assert ap.parse_args(["serve", "--model", "m", "--store", "s", "--max-queue-delay-ms",
+                          "50"]).max_queue_delay_ms == 50.0
+    for bad in (["--body-timeout-s", "0"], ["--max-request-samples", "0"],
+                ["--max-queue-delay-ms", "0"]):
         with pytest.raises(SystemExit):
             ap.parse_args(["serve", "--model", "m", "--store", "s", *bad])
     with pytest.raises(SystemExit):

@@ -985,6 +985,7 @@ def serve(args: argparse.Namespace) -> int:
                                header_timeout_s=args.header_timeout_s,
                                log_level=args.log_level, **tls)
         server = uvicorn.Server(config)
+        sock.listen(config.backlog)  # now: a client that read the line below can connect
         scheme = "https" if tls else "http"
         print(f"tiermem serve: listening on {scheme}://{host}:{port} ({len(runtime.batcher.table_names)}"
               f" tables, tier {args.tier})", flush=True)

@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
+import signal
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
 import zipfile
@@ -572,3 +576,93 @@ def test_fuzz_every_codec_4xx_in_bounded_time(hard, case):
         assert np.isfinite(preds["predictions"]).all()
     else:
         assert r.status_code >= 400 and r.json()["error"]
+
+
+# -- tiermem serve as a real process: auth token, TLS ------------------------------------------
+
+def _serve_process(model, python, env, *extra):
+    """``tiermem serve`` (python -m runtime.cli serve) on a free port; (process, base URL)."""
+    ckpt, store = model
+    cmd = [python, "-m", "runtime.cli", "serve", "--model", str(ckpt), "--store", str(store),
+           "--port", "0", "--threads", "1", "--max-delay-ms", "0", "--no-warmup", *extra]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env)
+    line = p.stdout.readline()
+    if "listening on " not in line:
+        p.kill()
+        pytest.fail(f"serve did not start: {line!r} {p.communicate(timeout=10)[1][-2000:]}")
+    return p, line.split("listening on ")[1].split()[0]
+
+
+def _stop(p):
+    p.send_signal(signal.SIGINT)
+    try:
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    assert p.returncode == 0, err[-2000:]
+
+
+def test_serve_process_auth_token(model, session, python, subprocess_env):
+    d, s = make_request(np.random.default_rng(13), 3)
+    body = encode_request(d, s)
+    env = {**subprocess_env, "TIERMEM_AUTH_TOKEN": "not-this-one"}  # the flag wins
+    p, url = _serve_process(model, python, env, "--auth-token", "T0k3n")
+    try:
+        with httpx.Client(base_url=url, timeout=20) as c:
+            assert c.get("/healthz").status_code == 200  # open, no token
+            assert c.get("/readyz").status_code == 200
+            r = c.post("/predict", content=body, headers=BIN)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            for wrong in ("Bearer not-this-one", "Bearer T0k3", "T0k3n", "Basic T0k3n"):
+                assert c.post("/predict", content=body,
+                              headers={**BIN, "Authorization": wrong}).status_code == 401
+            assert c.get("/metrics").status_code == 401
+            ok = {"Authorization": "Bearer T0k3n"}
+            r = c.post("/predict", json=json_kjt(d, s), headers=ok)
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(r.json()["predictions"], session.predict(d, s),
+                                       rtol=1e-5, atol=1e-6)
+            assert "tiermem_requests" in c.get("/metrics", headers=ok).text
+    finally:
+        _stop(p)
+
+
+def _self_signed(tmp_path):
+    """A certificate for 127.0.0.1 and its key, made by the openssl CLI."""
+    openssl = shutil.which("openssl")
+    if openssl is None:  # the cryptography package is not a dependency either
+        pytest.skip("no openssl CLI to make a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    r = subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return cert, key
+
+
+def test_serve_process_tls(model, session, python, subprocess_env, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    d, s = make_request(np.random.default_rng(14), 2)
+    p, url = _serve_process(model, python, subprocess_env, "--ssl-certfile", str(cert),
+                            "--ssl-keyfile", str(key))
+    try:
+        assert url.startswith("https://127.0.0.1:")
+        with httpx.Client(base_url=url, timeout=20, verify=ssl.create_default_context(
+                cafile=str(cert))) as c:
+            assert c.get("/healthz").status_code == 200
+            r = c.post("/predict", content=encode_request(d, s), headers=BIN)
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(r.json()["predictions"], session.predict(d, s),
+                                       rtol=1e-5, atol=1e-6)
+        with httpx.Client(base_url=url, timeout=20) as c, pytest.raises(httpx.ConnectError,
+                                                                         match="CERTIFICATE"):
+            c.get("/healthz")  # not trusted without the certificate
+        with httpx.Client(base_url=url.replace("https", "http"), timeout=5) as c, \
+                pytest.raises(httpx.HTTPError):
+            c.get("/healthz")  # plain HTTP gets no answer
+    finally:
+        _stop(p)

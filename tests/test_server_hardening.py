@@ -564,11 +564,43 @@ def mutated(draw):
     return bytes(body), headers
 
 
+def _rss_kib(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def _reset_peak_rss() -> bool:
+    """Make VmHWM the current RSS (Linux >= 4.0: ``5`` to clear_refs); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+FUZZ_PEAK_MIB = 32
+"""Most the server's process may grow at peak over the whole fuzz run (bodies <= 256 KiB,
+npz unpacked <= 1 MiB, counts refused before allocation; a bomb would take GiB)."""
+
+
+def test_fuzz_every_codec_4xx_in_bounded_time(hard):
+    """Every mutated body: 4xx (or a strict-JSON 200) within 1 s, and the process (the
+    server runs in it) peaks at most FUZZ_PEAK_MIB above where the run started."""
+    base = _rss_kib() if _reset_peak_rss() else _rss_kib("VmHWM")
+    cases = []
+    _fuzz_every_codec(hard, cases)
+    grew = (_rss_kib("VmHWM") - base) / 1024
+    assert len(cases) >= 50, len(cases)
+    assert grew < FUZZ_PEAK_MIB, f"peak memory grew {grew:.0f} MiB over the fuzz run"
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
-@given(mutated())
-def test_fuzz_every_codec_4xx_in_bounded_time(hard, case):
+@given(case=mutated())
+def _fuzz_every_codec(hard, cases, case):
     client, _, _ = hard
     body, headers = case
+    cases.append(len(body))
     r = _timed_post(client, body, headers, 1.0)
     assert r.status_code < 500, (r.status_code, r.text[:300])
     if r.status_code == 200:  # a mutation may stay valid: then the answer is strict JSON

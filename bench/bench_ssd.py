@@ -85,12 +85,14 @@ def raw_random_reads(paths: list[Path], n_reads: int, threads: int, seed: int,
         addr = dst.ctypes.data + np.arange(n_reads, dtype=np.int64) * 4096
         bounds = np.linspace(0, n_reads, threads + 1).astype(np.int64)
         no_verify, no_sums = np.full(n_reads, -1, np.int64), np.zeros(1, np.uint64)
+        no_rows = np.zeros(1, np.uint32)
 
         def job(a: int, b: int) -> int:
             scratch = aligned_empty(3 * 4096)
             return int(pread_scatter(ext_fd, ext_off, size, u0, src, addr, size, scratch, a, b,
                                      4096 if direct else 0, no_verify, no_sums,
-                                     scratch.view(np.uint64)))
+                                     scratch.view(np.uint64), no_verify, no_rows,
+                                     scratch, scratch.view(np.uint64)))
 
         job(0, 1)  # compile
         drop_cache(paths)

@@ -121,17 +121,126 @@ def test_flipped_bit_refused_by_every_tier(tmp_path: Path, tier: str, row: int) 
     assert f"rows {first}-{last}" in msg
 
 
-def test_ssd_checks_only_the_blocks_it_reads(tmp_path: Path) -> None:
+def _as_version_2(path: Path) -> None:
+    """Rewrite a store the way tiermem 2 wrote it: block checksums only, no row checksums."""
+    g = json.loads((path / "zarr.json").read_text())
+    g["attributes"]["tiermem"]["version"] = 2
+    (path / "zarr.json").write_text(json.dumps(g))
+    for d in path.glob("tables/*/*_rowsums"):
+        shutil.rmtree(d)
+
+
+def test_ssd_checks_only_the_rows_it_reads(tmp_path: Path) -> None:
     path, tabs = _store(tmp_path)
     info = open_store(path)
-    _flip(info.table("a").weight_chunk(1), 10 * BLOCK_BYTES + 5)  # rows ~1787-1866 of chunk 1
+    assert info.version == 3 and all(t.row_checked for t in info.tables)
+    _flip(info.table("a").weight_chunk(1), 10 * BLOCK_BYTES + 5)  # byte 41 of row 1787
     with SsdTier(info, TierConfig(kind="ssd", io_threads=2)) as ssd:
+        assert ssd.row_sums_nbytes == 4 * (3000 + 1000)  # 4 B per row (whole chunks)
+        ok = np.array([0, 999, 1000, 1700, 1786, 1788, 1800, 1900, 2999])  # 1786/88/1800 share
+        w = np.empty((ok.size, 13), np.float32)                          # the bad row's block
+        ssd.read_rows("a", ok, w)
+        np.testing.assert_array_equal(w, tabs["a"][ok])
+        with pytest.raises(CorruptBlockError, match="'a' weights: rows 1787-1787 of .*c/1/0"):
+            ssd.read_rows("a", np.array([1786, 1787, 1788]), np.empty((3, 13), np.float32))
+
+
+def test_version_2_store_ssd_checks_whole_blocks(tmp_path: Path) -> None:
+    path, tabs = _store(tmp_path)
+    _as_version_2(path)
+    info = open_store(path)
+    assert info.version == 2 and info.verified and not info.table("a").row_checked
+    _flip(info.table("a").weight_chunk(1), 10 * BLOCK_BYTES + 5)
+    with SsdTier(info, TierConfig(kind="ssd", io_threads=2)) as ssd:
+        assert ssd.row_sums_nbytes == 0
         ok = np.array([0, 999, 1000, 1700, 1900, 2999])
         w = np.empty((ok.size, 13), np.float32)
         ssd.read_rows("a", ok, w)
         np.testing.assert_array_equal(w, tabs["a"][ok])
-        with pytest.raises(CorruptBlockError, match="block 10 "):
+        with pytest.raises(CorruptBlockError, match="block 10 "):  # 1800 shares 1787's block
             ssd.read_rows("a", np.array([1800]), np.empty((1, 13), np.float32))
+    with pytest.raises(CorruptBlockError, match="block 10 "):
+        DramTier(info)
+    assert _tiermem("verify", str(path)).returncode == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from([("float32", 13), ("float32", 32), ("float16", 7), ("int8", 24),
+                        ("int8", 5)]), st.integers(0, 1199), st.integers(0, 10**6),
+       st.integers(0, 7), st.booleans())
+def test_flip_in_a_row_read_alone_is_caught(tmp_path_factory: pytest.TempPathFactory,
+                                            kind: tuple[str, int], row: int, byte: int,
+                                            bit: int, in_qparams: bool) -> None:
+    """Any bit of any row (or its qparams), read row-sized by the SSD tier, is refused,
+    and its neighbours in the same block are served exactly."""
+    dtype, dim = kind
+    tmp = tmp_path_factory.mktemp("row")
+    src = np.random.default_rng(row).standard_normal((1200, dim)).astype(np.float32)
+    create_store_from_arrays(tmp / "s.zarr", {"t": src}, chunk_rows=500, dtype=dtype)
+    info = open_store(tmp / "s.zarr")
+    t = info.table("t")
+    quant = dtype == "int8"
+    in_qparams = in_qparams and quant
+    rb = 8 if in_qparams else t.spec.row_bytes
+    chunk, local = divmod(row, t.chunk_rows)
+    f = t.qparams_chunk(chunk) if in_qparams else t.weight_chunk(chunk)
+    with SsdTier(info, TierConfig(kind="ssd", verify=False)) as raw:  # the reference: no checks
+        ref_w = np.empty((1200, dim), t.spec.dtype.numpy)
+        ref_q = np.empty((1200, 2), np.float32) if quant else None
+        raw.read_rows("t", np.arange(1200), ref_w, ref_q)
+    _flip(f, local * rb + byte % rb, bit)
+    near = np.array([r for r in (row - 1, row + 1) if 0 <= r < 1200])
+    with SsdTier(info, TierConfig(kind="ssd")) as ssd:
+        w = np.empty((near.size, dim), t.spec.dtype.numpy)
+        q = np.empty((near.size, 2), np.float32) if quant else None
+        ssd.read_rows("t", near, w, q)
+        np.testing.assert_array_equal(w, ref_w[near])
+        if quant:
+            np.testing.assert_array_equal(q, ref_q[near])
+        what = "qparams" if in_qparams else "weights"
+        with pytest.raises(CorruptBlockError, match=f"'t' {what}: rows {row}-{row} of "):
+            ssd.read_rows("t", np.array([row]), np.empty((1, dim), t.spec.dtype.numpy),
+                          np.empty((1, 2), np.float32) if quant else None)
+
+
+@pytest.mark.parametrize("what", ["weight", "qparams"])
+def test_flip_in_the_row_checksums_refused_and_named(tmp_path: Path, what: str) -> None:
+    path, tabs = _store(tmp_path, "int8")
+    info = open_store(path)
+    p = path / "tables" / "a" / f"{what}_rowsums" / "c" / "2" / "0"
+    _flip(p, 4 * 345 + 1)
+    name = "weights" if what == "weight" else "qparams"
+    with pytest.raises(CorruptBlockError, match=rf"table 'a' {name}: the row checksums of rows "
+                                                rf"2000-2999 \({p}\) fail"):
+        SsdTier(info, TierConfig(kind="ssd"))
+    with SsdTier(info, TierConfig(kind="ssd", verify=False)):
+        pass  # without checks it opens (the data itself is intact)
+    with DramTier(info) as d:  # the DRAM tier checks blocks, which are intact
+        np.testing.assert_array_equal(d.table_rows("b")[0], open_store(path).read_table("b")[0])
+    bad = _tiermem("verify", "--json", str(path))
+    assert bad.returncode == 1
+    got = json.loads(bad.stdout)["bad_blocks"]
+    assert [(b["table"], b["array"], b["chunk"]) for b in got] == [("a", f"{name} row sums", 2)]
+
+
+def test_dram_load_hashes_while_reading_catches_every_piece(tmp_path: Path) -> None:
+    """A table of several load pieces: a flip in the last piece of a chunk, and one at a
+    piece boundary, are both named (the hashing threads' results are all collected)."""
+    from tiermem.integrity import LOAD_PIECE
+
+    src = np.random.default_rng(3).standard_normal((60_000, 32)).astype(np.float32)
+    create_store_from_arrays(tmp_path / "s.zarr", {"t": src}, chunk_rows=25_000)
+    info = open_store(tmp_path / "s.zarr")
+    with DramTier(info) as d:
+        np.testing.assert_array_equal(d.table_rows("t")[0], src)
+    t = info.table("t")
+    assert 25_000 * 128 > 3 * LOAD_PIECE
+    _flip(t.weight_chunk(1), 3 * LOAD_PIECE)  # first byte of chunk 1's fourth piece
+    _flip(t.weight_chunk(2), 10_000 * 128 - 1)  # last byte of the last chunk's rows
+    with pytest.raises(CorruptBlockError, match=r"and 1 more") as ei:
+        DramTier(info)
+    assert [(b.chunk, b.block) for b in ei.value.bad_blocks] == [
+        (1, 3 * LOAD_PIECE // BLOCK_BYTES), (2, (10_000 * 128 - 1) // BLOCK_BYTES)]
 
 
 def test_int8_qparams_are_checked(tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ Layout (readable by plain ``zarr.open``)::
       tables/<name>/qparams          (rows, 2) float32 (scale, bias), int8 tables only
       tables/<name>/weight_sums      (n_chunks, blocks) uint64: a checksum per 4 KiB block of
       tables/<name>/qparams_sums     each chunk file (version 2; see tiermem/integrity.py)
+      tables/<name>/weight_rowsums   (rows, 1) uint32: a checksum per row, chunked like the
+      tables/<name>/qparams_rowsums  data; attributes["tiermem"]["file_sums"]: each chunk
+                                     file's own tmh64 (version 3)
 
 Each chunk file holds ``chunk_rows`` raw little-endian rows, so row ``r`` of a
 table sits in chunk ``r // chunk_rows`` at byte ``(r % chunk_rows) * row_bytes``:
@@ -43,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from tiermem.errors import ConfigError, StoreError, StoreFormatError
-from tiermem.integrity import BLOCK_BYTES, blocks_per_chunk, chunk_sums
+from tiermem.integrity import BLOCK_BYTES, blocks_per_chunk, chunk_sums, file_sum, row_sums
 from tiermem.integrity import SCHEME as CHECKSUM_SCHEME
 from tiermem.quantize import RowDtype, encode_rows
 
@@ -61,9 +64,10 @@ __all__ = [
 ]
 
 FORMAT_NAME = "tiermem-store"
-FORMAT_VERSION = 2
-#: versions this tiermem opens: 1 has no checksums (served "unverified")
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: versions this tiermem opens: 1 has no checksums (served "unverified"), 2 block checksums
+#: only (the SSD tier then reads and checks whole blocks), 3 adds a checksum per row
+READ_VERSIONS = (1, 2, 3)
 #: target bytes per chunk file; large enough that a table has few files.
 CHUNK_BYTES = 64 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
@@ -123,6 +127,23 @@ class TableInfo:
     weight_sums_dir: Path | None = None
     """The block checksums of the weights (None: a version-1 store, unverified)."""
     qparams_sums_dir: Path | None = None
+    weight_rowsums_dir: Path | None = None
+    """The row checksums of the weights (None: a version-1 or -2 store)."""
+    qparams_rowsums_dir: Path | None = None
+
+    @property
+    def row_checked(self) -> bool:
+        """Whether every row (and qparams row) has its own checksum (version 3)."""
+        return self.weight_rowsums_dir is not None and (
+            self.qparams_dir is None or self.qparams_rowsums_dir is not None)
+
+    def rowsum_file_sums(self, what: str) -> list[str]:
+        """The checksums of the row-checksum chunk files ("weights" or "qparams")."""
+        d = self.weight_rowsums_dir if what == "weights" else self.qparams_rowsums_dir
+        assert d is not None
+        sums = _get(_get(_load_json(d / "zarr.json", f"table {self.name!r} row checksums")
+                         .get("attributes"), "tiermem"), "file_sums")
+        return [str(x) for x in sums] if isinstance(sums, list) else []
 
     @property
     def verified(self) -> bool:
@@ -330,6 +351,7 @@ class StoreWriter:
                 if arr == "qparams" and not s.dtype.quantized:
                     continue
                 _write_json(base / f"{arr}_sums" / "zarr.json", _sums_meta(s.rows, cr, rb))
+        self._file_sums: dict[tuple[str, str], list[str]] = {}
 
     # context manager: abort on error, commit on success
     def __enter__(self) -> StoreWriter:
@@ -414,6 +436,7 @@ class StoreWriter:
             base = self.tmp / "tables" / name
             self._write_chunk(base / "weight" / "c" / str(i) / "0", w)
             self._write_chunk(base / "weight_sums" / "c" / str(i) / "0", chunk_sums(w)[None])
+            self._write_row_sums(name, "weight", i, w, s.row_bytes)
             if s.dtype.quantized:
                 q = np.concatenate(qs) if len(qs) > 1 else qs[0]
                 if take < cr:
@@ -421,9 +444,17 @@ class StoreWriter:
                 self._write_chunk(base / "qparams" / "c" / str(i) / "0", q)
                 self._write_chunk(base / "qparams_sums" / "c" / str(i) / "0",
                                   chunk_sums(q)[None])
+                self._write_row_sums(name, "qparams", i, q, 8)
             self._chunk_index[name] = i + 1
             self._written[name] += take
             self._pending_rows[name] -= take
+
+    def _write_row_sums(self, name: str, arr: str, i: int, data: np.ndarray, rb: int) -> None:
+        """Chunk ``i``'s row checksums, and their file's own checksum (kept for commit)."""
+        rs = row_sums(data, rb)
+        self._write_chunk(self.tmp / "tables" / name / f"{arr}_rowsums" / "c" / str(i) / "0",
+                          rs[:, None])
+        self._file_sums.setdefault((name, arr), []).append(file_sum(rs))
 
     @staticmethod
     def _write_chunk(path: Path, arr: np.ndarray) -> None:
@@ -446,6 +477,11 @@ class StoreWriter:
             self.abort()
             desc = ", ".join(f"{n}: {w} of {r} rows" for n, (w, r) in short.items())
             raise StoreError(f"store incomplete, not created: {desc}")
+        for (name, arr), fsums in self._file_sums.items():
+            s = self._spec[name]
+            m = _array_meta((s.rows, 1), self._chunk_rows[name], np.dtype(np.uint32))
+            m["attributes"] = {"tiermem": {"file_sums": fsums}}
+            _write_json(self.tmp / "tables" / name / f"{arr}_rowsums" / "zarr.json", m)
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -779,8 +815,16 @@ def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> St
                 _check_array(_load_json(sdir / "zarr.json", f"table {spec.name!r} {arr} checksums"),
                              sdir, tuple(sm["shape"]), 1, np.dtype(np.uint64))
                 sums[arr] = sdir
+            if version >= 3 and (arr == "weight" or qdir is not None):
+                rdir = root / "tables" / spec.name / f"{arr}_rowsums"
+                _check_array(_load_json(rdir / "zarr.json",
+                                        f"table {spec.name!r} {arr} row checksums"),
+                             rdir, (spec.rows, 1), chunk_rows, np.dtype(np.uint32))
+                sums[arr + "_rows"] = rdir
         info = TableInfo(spec, chunk_rows, wdir, qdir, weight_sums_dir=sums["weight"],
-                         qparams_sums_dir=sums["qparams"])
+                         qparams_sums_dir=sums["qparams"],
+                         weight_rowsums_dir=sums.get("weight_rows"),
+                         qparams_rowsums_dir=sums.get("qparams_rows"))
         if check_chunks:
             _check_chunks(wdir, info.n_chunks, chunk_rows * spec.row_bytes, real_root)
             if qdir is not None:
@@ -789,6 +833,9 @@ def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> St
                 if sums[arr] is not None:
                     _check_chunks(sums[arr], info.n_chunks, 8 * blocks_per_chunk(chunk_rows * rb),
                                   real_root, what="checksum file")
+                if sums.get(arr + "_rows") is not None:
+                    _check_chunks(sums[arr + "_rows"], info.n_chunks, 4 * chunk_rows, real_root,
+                                  what="row checksum file")
         infos.append(info)
     return StoreInfo(root, tuple(infos), meta.get("attrs", {}), version=int(version))
 
@@ -826,15 +873,16 @@ def read_rows_into(t: TableInfo, start: int, stop: int, w: np.ndarray,
         c = pos // cr
         end = min(stop, (c + 1) * cr)
         off = pos - c * cr
-        _pread_exact(t.weight_chunk(c), off * rb, wv[(pos - start) * rb:(end - start) * rb])
+        pread_exact(t.weight_chunk(c), off * rb, wv[(pos - start) * rb:(end - start) * rb])
         if qv is not None:
-            _pread_exact(t.qparams_chunk(c), off * 8, qv[(pos - start) * 8:(end - start) * 8])
+            pread_exact(t.qparams_chunk(c), off * 8, qv[(pos - start) * 8:(end - start) * 8])
         if on_bytes is not None:
             on_bytes((end - pos) * rb)
         pos = end
 
 
-def _pread_exact(path: Path, offset: int, view: memoryview) -> None:
+def pread_exact(path: Path, offset: int, view: memoryview) -> None:
+    """Read ``len(view)`` bytes at ``offset`` of a chunk file, or a StoreFormatError."""
     try:
         f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
     except IsADirectoryError:  # a store opened with check_chunks=False

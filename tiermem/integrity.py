@@ -16,7 +16,9 @@ the rows and the file; the rows are never served.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +27,17 @@ import numpy as np
 from tiermem.errors import CorruptBlockError, StoreFormatError
 
 __all__ = ["BLOCK_BYTES", "SCHEME", "BadBlock", "blocks_per_chunk", "chunk_sums",
-           "bad_block", "corrupt_error", "load_sums", "scrub", "verify_loaded"]
+           "bad_block", "corrupt_error", "file_sum", "hash_threads", "load_row_sums", "load_sums",
+           "read_verified", "row_sums", "scrub", "verify_loaded"]
 
 BLOCK_BYTES = 4096
 #: the checksum scheme named in a store's metadata
 SCHEME = "tmh64"
 #: bytes read per call while scrubbing (a multiple of BLOCK_BYTES)
 _SCRUB_PIECE = 16 << 20
+#: bytes a load reads before handing them to a hashing thread: small enough to be still in
+#: the caches when hashed, large enough that a future costs nothing next to it
+LOAD_PIECE = 1 << 20
 
 
 def blocks_per_chunk(chunk_bytes: int) -> int:
@@ -111,53 +117,150 @@ def _targets(t):  # type: ignore[no-untyped-def]
         yield "qparams", t.qparams_chunk, 8, t.qparams_sums
 
 
-def verify_loaded(t, start: int, stop: int, w: np.ndarray,  # type: ignore[no-untyped-def]
-                  q: np.ndarray | None) -> None:
-    """Check rows ``[start, stop)`` of table ``t`` just read into ``w`` (and ``q``).
+def _check_range(t, what: str, chunk_path, rb: int, sums: np.ndarray,  # type: ignore[no-untyped-def]
+                 c: int, a: int, b: int, region8: np.ndarray) -> BadBlock | None:
+    """Check bytes ``[a, b)`` of chunk file ``c``, held in ``region8`` (uint8).
 
-    Whole blocks are hashed where they lie in ``w``; a block only partly in
-    ``w`` (a window's edges, a chunk's zero padding) is completed from its
-    file. ``start``/``stop`` are the table's rows (``row_offset`` added here).
+    Whole blocks are hashed where they lie; a block only partly held (a
+    window's edges) is completed from its file. Runs on the hashing threads.
     """
     from tiermem.kernels.rowio import first_bad_block
 
+    chunk_bytes = t.chunk_rows * rb
+    head, tail = a // BLOCK_BYTES, -(-b // BLOCK_BYTES)
+    full0 = -(-a // BLOCK_BYTES)
+    full1 = b // BLOCK_BYTES if b < chunk_bytes else tail  # the file's last block is short
+    if full1 > full0:  # blocks wholly in memory: hashed in place
+        lo = full0 * BLOCK_BYTES - a
+        n = min(full1 * BLOCK_BYTES, chunk_bytes) - full0 * BLOCK_BYTES
+        region = region8[lo:lo + n]
+        k = first_bad_block(*_views(region, n), n, sums[c], full0)
+        if k >= 0:
+            return bad_block(t, what, c, full0 + k)
+    for k in sorted({head, tail - 1} - set(range(full0, max(full1, full0)))):
+        blk0, blk1 = k * BLOCK_BYTES, min((k + 1) * BLOCK_BYTES, chunk_bytes)
+        buf = np.empty(BLOCK_BYTES, np.uint8)
+        with open(chunk_path(c), "rb") as f:
+            f.seek(blk0)
+            got = f.readinto(memoryview(buf)[: blk1 - blk0])
+        lo, hi = max(a, blk0), min(b, blk1)  # the part held in memory wins
+        buf[lo - blk0:hi - blk0] = region8[lo - a:hi - a]
+        n = blk1 - blk0 if got == blk1 - blk0 else got
+        if first_bad_block(*_views(buf, n), n, sums[c], k) >= 0:
+            return bad_block(t, what, c, k)
+    return None
+
+
+def _pieces(t, start: int, stop: int, w: np.ndarray, q: np.ndarray | None,  # type: ignore[no-untyped-def]
+            piece: int):
+    """``(what, path fn, row bytes, sums, chunk, a, b, region8)`` per piece of rows
+    ``[start, stop)`` (table rows): file bytes ``[a, b)`` of a chunk, cut at multiples of
+    ``piece`` bytes of the file (so only the window's edges split a block)."""
     start, stop = start + t.row_offset, stop + t.row_offset
     cr = t.chunk_rows
     for what, chunk_path, rb, sums in _targets(t):
-        mem = (w if what == "weights" else q)
+        mem = w if what == "weights" else q
         if mem is None or sums is None:
             continue
         mem8 = mem.reshape(-1).view(np.uint8)
-        chunk_bytes = cr * rb
         for c in range(start // cr, -(-stop // cr)):
             r0, r1 = max(start, c * cr), min(stop, (c + 1) * cr)
             a, b = (r0 - c * cr) * rb, (r1 - c * cr) * rb  # file bytes of chunk c held in mem
             m0 = (r0 - start) * rb  # where byte a of the file is in mem
-            head, tail = a // BLOCK_BYTES, -(-b // BLOCK_BYTES)
-            full0 = -(-a // BLOCK_BYTES)
-            full1 = b // BLOCK_BYTES if b < chunk_bytes else tail  # the file's last block is short
-            bad = -1
-            if full1 > full0:  # blocks wholly in memory: hashed in place
-                lo = m0 + full0 * BLOCK_BYTES - a
-                n = min(full1 * BLOCK_BYTES, chunk_bytes) - full0 * BLOCK_BYTES
-                region = mem8[lo:lo + n]
-                k = first_bad_block(*_views(region, n), n, sums[c], full0)
-                bad = -1 if k < 0 else full0 + k
-            edges = {head, tail - 1} - set(range(full0, max(full1, full0)))
-            for k in sorted(edges) if bad < 0 else ():
-                blk0, blk1 = k * BLOCK_BYTES, min((k + 1) * BLOCK_BYTES, chunk_bytes)
-                buf = np.empty(BLOCK_BYTES, np.uint8)
-                with open(chunk_path(c), "rb") as f:
-                    f.seek(blk0)
-                    got = f.readinto(memoryview(buf)[: blk1 - blk0])
-                lo, hi = max(a, blk0), min(b, blk1)  # the part held in memory wins
-                buf[lo - blk0:hi - blk0] = mem8[m0 + lo - a:m0 + hi - a]
-                n = blk1 - blk0 if got == blk1 - blk0 else got
-                if first_bad_block(*_views(buf, n), n, sums[c], k) >= 0:
-                    bad = k
-                    break
-            if bad >= 0:
-                raise corrupt_error([bad_block(t, what, c, bad)])
+            pa = a
+            while pa < b:
+                pb = min(b, (pa // piece + 1) * piece)
+                yield what, chunk_path, rb, sums, c, pa, pb, mem8[m0 + pa - a:m0 + pb - a]
+                pa = pb
+
+
+def verify_loaded(t, start: int, stop: int, w: np.ndarray,  # type: ignore[no-untyped-def]
+                  q: np.ndarray | None) -> None:
+    """Check rows ``[start, stop)`` of table ``t`` already read into ``w`` (and ``q``).
+
+    ``start``/``stop`` are the table's rows (``row_offset`` added here).
+    """
+    for what, path, rb, sums, c, a, b, region in _pieces(t, start, stop, w, q, 1 << 62):
+        bad = _check_range(t, what, path, rb, sums, c, a, b, region)
+        if bad is not None:
+            raise corrupt_error([bad])
+
+
+def hash_threads() -> int:
+    """Threads that hash a load while the loading thread reads on: the other cores (1-4)."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def read_verified(t, start: int, stop: int, w: np.ndarray,  # type: ignore[no-untyped-def]
+                  q: np.ndarray | None, pool: Executor,
+                  on_bytes: Callable[[int], None] | None = None) -> None:
+    """Read rows ``[start, stop)`` of ``t`` into ``w`` (and ``q``) and check every block.
+
+    The calling thread reads :data:`LOAD_PIECE` bytes at a time; each piece
+    is hashed on ``pool`` right after it lands, while it is still in the
+    caches and while the next piece is read, so the hashing overlaps the
+    reading instead of being a second pass over the whole table.
+    """
+    from tiermem.format import pread_exact
+
+    futures = []
+    try:
+        for what, path, rb, sums, c, a, b, region in _pieces(t, start, stop, w, q, LOAD_PIECE):
+            pread_exact(path(c), a, memoryview(region))
+            futures.append(pool.submit(_check_range, t, what, path, rb, sums, c, a, b, region))
+            if on_bytes is not None:
+                on_bytes(b - a)
+        bad = [x for x in (f.result() for f in futures) if x is not None]
+    finally:
+        for f in futures:
+            f.cancel()
+    if bad:
+        raise corrupt_error(bad)
+
+
+def row_sums(data: np.ndarray, row_bytes: int) -> np.ndarray:
+    """Row checksums (uint32) of a chunk's consecutive rows of ``row_bytes`` bytes."""
+    from tiermem.kernels.rowio import row_hashes
+
+    data = np.ascontiguousarray(data)
+    n = data.nbytes // row_bytes
+    out = np.empty(n, np.uint32)
+    tmp = np.empty(-(-row_bytes // 8), np.uint64)
+    b64, b8 = _views(data, data.nbytes)
+    row_hashes(b8, b64, row_bytes, n, tmp.view(np.uint8), tmp, out)
+    return out
+
+
+def file_sum(data: np.ndarray) -> str:
+    """The tmh64 of a whole (small) file's bytes, as 16 hex digits (a row-sum file's check)."""
+    from tiermem.kernels.rowio import block_hash
+
+    data = np.ascontiguousarray(data)
+    b64, b8 = _views(data, data.nbytes)
+    return f"{int(block_hash(b64, b8, 0, data.nbytes)):016x}"
+
+
+def load_row_sums(t, what: str) -> np.ndarray | None:  # type: ignore[no-untyped-def]
+    """A table's row checksums (``what``: "weights" or "qparams") for its chunks
+    ``first_chunk..n_chunks-1``, each file checked against its own checksum (None: the
+    store has none, version 2 or older)."""
+    d = t.weight_rowsums_dir if what == "weights" else t.qparams_rowsums_dir
+    if d is None:
+        return None
+    cr = t.chunk_rows
+    out = np.empty((t.n_chunks - t.first_chunk) * cr, np.uint32)
+    want = t.rowsum_file_sums(what)
+    for c in range(t.first_chunk, t.n_chunks):
+        p = d / "c" / str(c) / "0"
+        part = out[(c - t.first_chunk) * cr:(c - t.first_chunk + 1) * cr]
+        with open(p, "rb") as f:
+            got = f.readinto(memoryview(part).cast("B"))
+        if got != cr * 4 or c >= len(want) or file_sum(part) != want[c]:
+            raise CorruptBlockError(
+                f"table {t.name!r} {what}: the row checksums of rows {c * cr}-{(c + 1) * cr - 1}"
+                f" ({p}) fail their own checksum: the store is corrupt; no row of this table "
+                "is served. Run `tiermem verify STORE`", [])
+    return out
 
 
 def scrub(store, on_bytes: Callable[[int], None] | None = None  # type: ignore[no-untyped-def]
@@ -188,4 +291,16 @@ def scrub(store, on_bytes: Callable[[int], None] | None = None  # type: ignore[n
                         pos += got
                         if on_bytes is not None:
                             on_bytes(got)
+        for what in ("weights", "qparams"):  # each row-checksum file against its own sum
+            d = t.weight_rowsums_dir if what == "weights" else t.qparams_rowsums_dir
+            if d is None:
+                continue
+            want = t.rowsum_file_sums(what)
+            for c in range(t.first_chunk, t.n_chunks):
+                p = d / "c" / str(c) / "0"
+                data = np.fromfile(p, np.uint8)
+                if c >= len(want) or file_sum(data) != want[c]:
+                    cr = t.chunk_rows
+                    yield BadBlock(t.name, f"{what} row sums", p, c, 0,
+                                   (c * cr, (c + 1) * cr - 1))
 

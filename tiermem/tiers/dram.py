@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -10,7 +11,7 @@ from tiermem.config import PoolingMode, TierConfig, TierKind
 from tiermem.errors import CapacityError, CorruptBlockError
 from tiermem.features import SparseFeatures
 from tiermem.format import StoreInfo, read_rows_into
-from tiermem.integrity import verify_loaded
+from tiermem.integrity import hash_threads, read_verified
 from tiermem.quantize import RowDtype
 from tiermem.stats import TableStats
 from tiermem.tiers.base import Tier
@@ -83,18 +84,19 @@ class DramTier(Tier):
                                 f"tables of {store.path}") from None
         from tqdm.auto import tqdm
 
+        hashers = ThreadPoolExecutor(hash_threads(), thread_name_prefix="tiermem-hash")
         with tqdm(total=store.nbytes, unit="B", unit_scale=True, desc="load tables",
-                  disable=not progress, leave=False) as bar:
+                  disable=not progress, leave=False) as bar, hashers:
             for i, t in enumerate(self.tables):
                 key = self._arena_of[i]
                 r0 = int(self.row_base[i])
                 w = self.arenas[key][r0:r0 + t.spec.rows]
                 q = self.qparams[key][r0:r0 + t.spec.rows] if key in self.qparams else None
+                if t.verified and self.config.verify:  # hashed piece by piece as it lands
+                    read_verified(t, 0, t.spec.rows, w, q, hashers, on_bytes=bar.update)
+                    continue
                 read_rows_into(t, 0, t.spec.rows, w, q, on_bytes=bar.update)
-                if t.verified:
-                    if self.config.verify:
-                        verify_loaded(t, 0, t.spec.rows, w, q)
-                else:  # a version-1 store: no checksums, but never a non-finite row
+                if not t.verified:  # a version-1 store: no checksums, but never a non-finite row
                     check_finite(t.name, w, q)
 
     @property

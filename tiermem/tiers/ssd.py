@@ -12,10 +12,13 @@ With ``TierConfig.direct_io`` they are opened ``O_DIRECT``: reads bypass the
 page cache (widened to 4 KiB blocks), so DRAM use stays what the runtime
 allocates, the honest setting for a table larger than memory.
 
-With checksums (``TierConfig.verify``, the default, on a version-2 store)
-every read is widened to whole 4 KiB blocks and each block is hashed in the
-read kernel right after its ``pread``: a corrupt block fails the batch with a
-:class:`~tiermem.errors.CorruptBlockError`, its rows are never pooled.
+With checksums (``TierConfig.verify``, the default) every row is checked in
+the read kernel right after its ``pread``: on a version-3 store against its
+own 32-bit row checksum (held in DRAM, 4 bytes per row and per qparams row,
+loaded and checked at open), so a read stays row-sized; on a version-2 store
+the read is widened to whole 4 KiB blocks and each block is hashed. A
+mismatch fails the batch with a :class:`~tiermem.errors.CorruptBlockError`
+naming table, rows and file: its rows are never pooled.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tiermem.config import PoolingMode, TierConfig, TierKind
-from tiermem.errors import InvalidBatchError, StoreError
+from tiermem.errors import CorruptBlockError, InvalidBatchError, StoreError
 from tiermem.integrity import BLOCK_BYTES, bad_block, corrupt_error
 from tiermem.features import SparseFeatures
 from tiermem.format import StoreInfo, TableInfo
@@ -130,6 +133,8 @@ class SsdTier(Tier):
                 f.close()
             raise
         self._sum0: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._rsum0: list[tuple[int, int]] = []
+        self._rsums = self._gather_row_sums()
         self._sums = self._gather_sums()
         self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="tiermem-io")
         self._bg_pool = ThreadPoolExecutor(self.config.background_io_threads,
@@ -144,7 +149,7 @@ class SsdTier(Tier):
         for t, f in zip(self.tables, self._files, strict=True):
             w0 = np.full(t.n_chunks, -1, np.int64)
             q0 = np.full(t.n_chunks, -1, np.int64) if f.qparams is not None else None
-            if self.config.verify and t.verified:
+            if self.config.verify and t.verified and not t.row_checked:
                 for sums, base in ((t.weight_sums, w0), (t.qparams_sums, q0)):
                     if base is None or sums is None:
                         continue
@@ -154,7 +159,38 @@ class SsdTier(Tier):
             self._sum0.append((w0, q0))
         return np.concatenate(parts) if parts else np.zeros(1, np.uint64)
 
+    def _gather_row_sums(self) -> np.ndarray:
+        """All tables' row checksums in one array (each file checked as it is loaded);
+        per table, where its weights' and qparams' start (-1: none, blocks are checked)."""
+        from tiermem.integrity import load_row_sums
+
+        parts = []
+        n = 0
+        for t in self.tables:
+            bases = [-1, -1]
+            if self.config.verify and t.row_checked:
+                for k, what in enumerate(("weights", "qparams") if t.qparams_dir else ("weights",)):
+                    rs = load_row_sums(t, what)
+                    assert rs is not None
+                    bases[k] = n
+                    parts.append(rs)
+                    n += rs.size
+            self._rsum0.append((bases[0], bases[1]))
+        return np.concatenate(parts) if parts else np.zeros(1, np.uint32)
+
+    @property
+    def row_sums_nbytes(self) -> int:
+        """DRAM held by the row checksums (4 bytes per row and per qparams row)."""
+        return int(self._rsums.nbytes) if any(b >= 0 for p in self._rsum0 for b in p) else 0
+
     # -- reading rows ----------------------------------------------------------
+    def _rowbuf(self) -> np.ndarray:
+        """A per-thread 8-byte aligned row, where a row that is not aligned is hashed."""
+        buf = getattr(self._scratch, "row", None)
+        if buf is None:
+            widest = max(max(t.spec.row_bytes for t in self.tables), 8)
+            buf = self._scratch.row = np.empty(-(-widest // 8), np.uint64)
+        return buf
     def _scratch_buf(self) -> np.ndarray:
         """A per-thread read buffer, 4 KiB aligned (O_DIRECT needs it)."""
         buf = getattr(self._scratch, "buf", None)
@@ -167,11 +203,13 @@ class SsdTier(Tier):
 
     def _read_job(self, plan: tuple[np.ndarray, ...], e0: int, e1: int) -> int:
         """Read extents ``[e0, e1)`` of a batch plan (one nogil call); -1 or the failed extent."""
-        fd, off, ln, u0, src, dst, nb, sum0 = plan
+        fd, off, ln, u0, src, dst, nb, sum0, rsum = plan
         scratch = self._scratch_buf()
+        row = self._rowbuf()
         return int(pread_scatter(fd, off, ln, u0, src, dst, nb, scratch, e0, e1,
                                  _ALIGN if self.config.direct_io else 0, sum0, self._sums,
-                                 scratch.view(np.uint64)))
+                                 scratch.view(np.uint64), rsum, self._rsums, row.view(np.uint8),
+                                 row))
 
     def _plan(self, jobs: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None,
                                         np.ndarray | None]]
@@ -186,7 +224,7 @@ class SsdTier(Tier):
         bytes, first extent)`` for the counters and the error message.
         """
         c = self.config
-        parts: list[list[np.ndarray]] = [[] for _ in range(8)]
+        parts: list[list[np.ndarray]] = [[] for _ in range(9)]
         meta = []
         e_total = 0
         u_total = 0
@@ -198,10 +236,11 @@ class SsdTier(Tier):
                 rows = rows + t.row_offset
             files = self._files[i]
             w_sum0, q_sum0 = self._sum0[i]
-            targets = [(files.weight, t.spec.row_bytes, w_dst, w_sum0)]
+            w_rs0, q_rs0 = self._rsum0[i]
+            targets = [(files.weight, t.spec.row_bytes, w_dst, w_sum0, w_rs0)]
             if files.qparams is not None and q_dst is not None:
-                targets.append((files.qparams, 8, q_dst, q_sum0))
-            for fds, rb, dst, sum0 in targets:
+                targets.append((files.qparams, 8, q_dst, q_sum0, q_rs0))
+            for fds, rb, dst, sum0, rs0 in targets:
                 chunk, first, nrows, u0 = plan_extents(rows, t.chunk_rows, rb,
                                                        c.coalesce_gap_bytes, c.max_read_bytes)
                 n_ext = chunk.size
@@ -223,14 +262,16 @@ class SsdTier(Tier):
                 parts[5].append(dst.ctypes.data + where.astype(np.int64) * dst.strides[0])
                 parts[6].append(np.full(rows.size, rb, np.int64))
                 parts[7].append(sum0[chunk])
+                parts[8].append(rows + (rs0 - t.first_chunk * t.chunk_rows) if rs0 >= 0
+                                else np.full(rows.size, -1, np.int64))
                 meta.append((i, n_ext, int(nrows.sum()) * rb, e_total))
                 e_total += n_ext
                 u_total += rows.size
         if not meta:
-            return tuple(np.zeros(0, np.int64) for _ in range(8)), []
-        fd, off, ln, u0, src, dst, nb, sum0 = (np.concatenate(p) for p in parts)
+            return tuple(np.zeros(0, np.int64) for _ in range(9)), []
+        fd, off, ln, u0, src, dst, nb, sum0, rsum = (np.concatenate(p) for p in parts)
         u0 = np.append(u0, u_total)
-        return (fd, off, ln, u0, src, dst, nb, sum0), meta
+        return (fd, off, ln, u0, src, dst, nb, sum0, rsum), meta
 
     def _read_sorted(self, jobs: Sequence[tuple[int, np.ndarray, np.ndarray, np.ndarray | None,
                                                 np.ndarray | None]],
@@ -304,6 +345,9 @@ class SsdTier(Tier):
         chunk = int(np.flatnonzero((f.weight if is_w else f.qparams) == fd)[0])
         sums = t.weight_sums if is_w else t.qparams_sums
         path = t.weight_chunk(chunk) if is_w else t.qparams_chunk(chunk)
+        what = "weights" if is_w else "qparams"
+        if int(plan[8][int(plan[3][e])]) >= 0:  # checked row by row
+            return self._corrupt_rows(t, what, chunk, path, plan, e)
         k0 = int(plan[1][e]) // BLOCK_BYTES
         k1 = -(-(int(plan[1][e]) + int(plan[2][e])) // BLOCK_BYTES)
         with open(path, "rb") as fh:
@@ -311,9 +355,35 @@ class SsdTier(Tier):
             data = np.frombuffer(fh.read((k1 - k0) * BLOCK_BYTES), np.uint8)
         got = chunk_sums(data)
         bad_k = [k0 + int(k) for k in np.flatnonzero(got != sums[chunk, k0:k0 + got.size])]
-        what = "weights" if is_w else "qparams"
         bad = [bad_block(t, what, chunk, k) for k in bad_k or [k0]]
         return corrupt_error(bad)
+
+    def _corrupt_rows(self, t: TableInfo, what: str, chunk: int, path: object,
+                      plan: tuple[np.ndarray, ...], e: int) -> StoreError:
+        """The error for extent ``e`` holding a row that fails its row checksum: the
+        extent's wanted rows are read and hashed again here (rare path) to name them."""
+        from tiermem.integrity import BadBlock, row_sums
+
+        rb = t.spec.row_bytes if what == "weights" else 8
+        a, b = int(plan[3][e]), int(plan[3][e + 1])
+        at = plan[8][a:b]
+        with open(str(path), "rb") as fh:
+            fh.seek(int(plan[1][e]))
+            data = np.frombuffer(fh.read(int(plan[2][e])), np.uint8)
+        pos = plan[4][a:b]  # each wanted row's byte in the extent
+        got = [row_sums(data[p:p + rb].copy(), rb)[0] if p + rb <= data.size else None
+               for p in pos.tolist()]
+        bad = [k for k, g in enumerate(got) if g is None or g != self._rsums[at[k]]] or [0]
+        first_row = chunk * t.chunk_rows + int(plan[1][e]) // rb
+        rows = [first_row + int(pos[k]) // rb for k in bad]
+        blocks = [BadBlock(t.name, what, path, chunk, (r - chunk * t.chunk_rows) * rb  # type: ignore[arg-type]
+                           // BLOCK_BYTES, (r, r)) for r in rows]
+        more = f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
+        return CorruptBlockError(
+            f"table {t.name!r} {what}: rows {rows[0]}-{rows[0]} of {path} fail their row "
+            f"checksum{more}: "
+            "the store is corrupt (disk, copy or an edit after creation); its rows are not "
+            "served. Run `tiermem verify STORE` for every bad block", blocks)
 
     def _read_rows(self, i: int, rows: np.ndarray, w_out: np.ndarray,
                    q_out: np.ndarray | None) -> None:

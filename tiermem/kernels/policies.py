@@ -1318,7 +1318,10 @@ def cache_resolve_resident(st, values, offsets, batch_size, base, ready, prefetc
                 res[c, 0] = 1
                 break
             lookup_slot[i] = s
-            if atomic_exchange_2d(node, s, N_MARK, epoch) != epoch:
+            # a plain read first: a repeat (the common case of a hot row) needs no locked
+            # instruction; a first occurrence is claimed by the one thread whose swap sees
+            # another epoch
+            if node[s, N_MARK] != epoch and atomic_exchange_2d(node, s, N_MARK, epoch) != epoch:
                 distinct += 1
                 if clock and (node[s, N_FLAGS] & F_STATIC) == 0:
                     node[s, N_REF] = 1

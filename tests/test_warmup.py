@@ -73,7 +73,8 @@ def check_no_batch_compiles(path, store, name):
             assert cache() == before_cache
         census = kernel_census()
         got, want = [], []
-        for B, weighted in ((1, False), (3, True), (700, False), (700, True)):
+        # 3000 samples: past the cache's parallel pass over hits (8192 lookups) too
+        for B, weighted in ((1, False), (3, True), (700, False), (700, True), (3000, False)):
             dense, f = _batch(list(sess.table_names), B, rng, weighted)
             if sess.prefetch_enabled:
                 sess.prefetch(f)

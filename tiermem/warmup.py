@@ -30,8 +30,12 @@ __all__ = ["default_batch_sizes", "synthetic_batch", "warm_tier"]
 
 
 def default_batch_sizes(num_tables: int) -> tuple[int, int]:
-    """One sample, and a batch of one id per bag past the parallel kernels' threshold."""
-    return 1, max(8, -(-2 * parallel_min_work() // max(num_tables, 1)))
+    """One sample, and a batch of one id per bag past every parallel kernel's threshold
+    (the SLS kernels' and the cache's parallel pass over a batch of hits)."""
+    from tiermem.cache.cache import PARALLEL_RESOLVE_MIN
+
+    most = 2 * max(parallel_min_work(), PARALLEL_RESOLVE_MIN)
+    return 1, max(8, -(-most // max(num_tables, 1)))
 
 
 def synthetic_batch(names: Sequence[str], rows: Sequence[int], batch_size: int, *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import threading
 import time
 
@@ -11,7 +12,7 @@ import pytest
 
 from runtime import RuntimeConfig
 from tiermem import ConfigError
-from tiermem.cpu import CoreMeter, usable_cores
+from tiermem.cpu import CoreMeter, parse_cpu_max, parse_stat, usable_cores
 from tiermem.kernels import resolve_threads
 
 pytestmark = pytest.mark.skipif(not CoreMeter().available, reason="no /proc/stat here")
@@ -79,3 +80,29 @@ def test_runtime_config_threads(bad):
     assert RuntimeConfig(num_threads=1).num_threads == 1
     with pytest.raises(ConfigError, match="num_threads"):
         RuntimeConfig(num_threads=bad)
+
+
+STAT = b"""cpu  300 0 100 600 0 0 0 0 0 0
+cpu0 100 0 50 50 0 0 0 0 0 0
+cpu1 200 0 50 550 0 0 0 0 0 0
+cpu7 0 0 0 1000 0 0 0 0 0 0
+intr 12345
+"""
+
+
+def test_parse_stat_sums_the_cpus_of_our_affinity_only():
+    # busy = user + nice + system + ...; idle = idle + iowait
+    assert parse_stat(STAT, {0}) == (150, 200, 1)
+    assert parse_stat(STAT, {0, 1}) == (150 + 250, 200 + 800, 2)
+    # a renumbered /proc/stat (lxcfs): none of our CPUs listed, so every CPU line counts
+    assert parse_stat(STAT, {42}) == (400, 2000, 3)
+    assert parse_stat(STAT, None) == (400, 2000, 3)
+    assert parse_stat(b"intr 1\n", {0}) is None
+
+
+def test_cpu_quota_caps_the_cores():
+    assert parse_cpu_max("200000 100000\n") == 2.0
+    assert parse_cpu_max("150000 100000") == 1.5
+    assert parse_cpu_max("max 100000") is None
+    assert parse_cpu_max("garbage") is None
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)

@@ -168,3 +168,60 @@ def test_warmup_command_errors(python, subprocess_env):
     r = subprocess.run([python, "-m", "runtime.cli", "warmup", "--tiers", "dram,nvme"],
                        env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "'nvme' is not one of" in r.stderr
+
+
+def check_mixed_groups_compile_nothing(store):
+    """Tables of three widths (three slot pools): the parallel thresholds hold per pool."""
+    from tiermem.cache.cache import CachedTier
+    from tiermem.format import open_store
+    from tiermem.tiers import open_tier
+    from tiermem.warmup import warm_tier
+
+    info = open_store(store)
+    tier = CachedTier(open_tier(info, TierConfig(kind="ssd")),
+                      CacheConfig(policy="clock", capacity_fraction=1.0))
+    with tier:
+        warm_tier(tier)
+        tier.warm({t.name: np.arange(t.spec.rows) for t in info.tables})  # all resident
+        census = kernel_census()
+        rng = np.random.default_rng(0)
+        for B, weighted in ((1, False), (9000, False), (9000, True)):
+            ids = np.concatenate([rng.integers(0, t.spec.rows, B) for t in info.tables])
+            w = rng.random(ids.size, dtype=np.float32) if weighted else None
+            tier.pool(SparseFeatures.from_offsets(info.names, ids, np.arange(
+                ids.size + 1, dtype=np.int64), w))
+        added = kernel_census().since(census).signatures
+        assert added == 0, f"{added} kernel(s) compiled after warm_tier()"
+
+
+def test_warmup_covers_each_slot_pool(tmp_path, python, subprocess_env):
+    from tiermem.format import create_random_store, table_specs
+
+    store = tmp_path / "mixed.zarr"
+    create_random_store(store, table_specs([("a", 3000, 8), ("b", 2000, 16), ("c", 1000, 32)],
+                                           "float32"))
+    code = ("import sys; from tests.test_warmup import check_mixed_groups_compile_nothing as c; "
+            "c(sys.argv[1]); print('ok')")
+    r = subprocess.run([python, "-c", code, str(store)], env=subprocess_env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["dram", "ssd+cache+prefetch"])
+def test_batches_served_during_a_warmup_are_counted(model, name):
+    """A service warms up on a thread of its own while it may already serve: the warm-up's
+    batches are not counted, the served ones are (none lost to a restore)."""
+    import threading
+
+    path, store = model
+    rng = np.random.default_rng(2)
+    with InferenceSession.open(path, store, CONFIGS[name]) as sess:
+        work = [_batch(list(sess.table_names), 5, rng, False) for _ in range(30)]
+        t = threading.Thread(target=sess.warmup)
+        t.start()
+        for dense, f in work:
+            sess.predict(dense, f)
+        t.join()
+        st = sess.tier.stats
+        assert st.batches == len(work)
+        assert st.total().lookups == sum(int(f.values.size) for _, f in work)

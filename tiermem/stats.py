@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = ["TableStats", "TierStats"]
@@ -50,8 +52,11 @@ class TierStats:
     tables: dict[str, TableStats] = field(default_factory=dict)
     batches: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _quiet: threading.local = field(default_factory=threading.local, repr=False, compare=False)
 
     def record(self, batch: dict[str, TableStats]) -> None:
+        if getattr(self._quiet, "on", False):  # a warm-up batch on this thread
+            return
         with self._lock:
             self.batches += 1
             for name, s in batch.items():
@@ -69,16 +74,16 @@ class TierStats:
             self.tables.clear()
             self.batches = 0
 
-    def snapshot(self) -> tuple[int, dict[str, TableStats]]:
-        """The counters now, to put back with :meth:`restore`."""
-        with self._lock:
-            return self.batches, {k: replace(v) for k, v in self.tables.items()}
-
-    def restore(self, snap: tuple[int, dict[str, TableStats]]) -> None:
-        """Put back counters taken by :meth:`snapshot` (work done in between is forgotten)."""
-        with self._lock:
-            self.batches = snap[0]
-            self.tables = {k: replace(v) for k, v in snap[1].items()}
+    @contextmanager
+    def not_recorded(self) -> Iterator[None]:
+        """Batches pooled by the calling thread meanwhile are not counted (a warm-up's);
+        other threads' batches are."""
+        prev = getattr(self._quiet, "on", False)
+        self._quiet.on = True
+        try:
+            yield
+        finally:
+            self._quiet.on = prev
 
     def to_dict(self) -> dict[str, Any]:
         with self._lock:

@@ -7,12 +7,14 @@ before anything is measured or served: one sample (the serial kernels), one
 batch large enough for the parallel kernels, unweighted and weighted (a
 separate specialisation), the cache's miss path and the prefetcher. A cache
 is warmed through a small scratch copy of itself (the same kernels with the
-same argument types) and every counter is put back, so the tier is left as
-it was: same cache content, same statistics.
+same argument types) and the warm-up's own batches are not counted (batches
+other threads serve meanwhile are), so the tier is left as it was: same
+cache content, same statistics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from tiermem.config import PoolingMode
+from tiermem.errors import StoreError
 from tiermem.features import SparseFeatures
 from tiermem.kernels import kernel_census
 from tiermem.kernels import threads as kernel_threads
@@ -69,10 +72,12 @@ def warm_tier(tier: Tier, *, names: Sequence[str] | None = None,
     sizes = tuple(batch_sizes) if batch_sizes is not None else default_batch_sizes(len(names))
     weight_modes = [False, True] if weighted and mode is PoolingMode.SUM else [False]
     cold = getattr(tier, "cold", None)
-    watched = [tier, *([cold] if cold is not None else [])]
-    snaps = [t.stats.snapshot() for t in watched]
     scratch = tier.scratch_copy() if hasattr(tier, "scratch_copy") else None
     run_on = scratch if scratch is not None else tier
+    # not counted: this thread's batches only (a service may serve others meanwhile)
+    quiet = contextlib.ExitStack()
+    for t in (tier, *([cold] if cold is not None else [])):
+        quiet.enter_context(t.stats.not_recorded())
     try:
         for B in sizes:
             for w in weight_modes:
@@ -81,20 +86,36 @@ def warm_tier(tier: Tier, *, names: Sequence[str] | None = None,
                     pooled = run_on.pool(f, mode=mode, validate=validate)
                 if on_pooled is not None:
                     on_pooled(int(B), pooled)
+        # the parallel thresholds hold per (dtype, width) group of tables: a group with
+        # few of the tables gets a batch of its own past them
+        groups: dict[Any, list[int]] = {}
+        for j, n in enumerate(names):
+            groups.setdefault(tier.group_key(tier.table_index(n)), []).append(j)
+        if batch_sizes is None and len(groups) > 1:
+            for members in groups.values():
+                gb = default_batch_sizes(len(members))[1]
+                if gb <= sizes[-1]:
+                    continue
+                for w in weight_modes:
+                    f = synthetic_batch([names[j] for j in members],
+                                        [rows[j] for j in members], gb, weighted=w)
+                    with kernel_threads(num_threads):
+                        run_on.pool(f, mode=mode, validate=validate)
         if scratch is not None and prefetch is not None:
             from tiermem.cache.prefetch import Prefetcher
 
             with Prefetcher(scratch, prefetch) as pf:
                 pf.submit(synthetic_batch(names, rows, int(sizes[-1]), weighted=False,
                                           shift=1))
-                pf.drain(timeout=600)
+                if not pf.drain(timeout=600):
+                    raise StoreError("warm-up: the prefetcher did not finish reading its "
+                                     "batch within 600 s")
                 if pf.errors:
                     raise pf.errors[-1]
     finally:
+        quiet.close()
         if scratch is not None:
             scratch.close()
-        for t, snap in zip(watched, snaps, strict=True):
-            t.stats.restore(snap)
     added = kernel_census().since(before)
     return {"seconds": time.perf_counter() - t0, "kernels_added": added.signatures,
             "compiled": added.compiled, "loaded_from_cache": added.loaded}

@@ -30,6 +30,7 @@ from tiermem.config import PoolingMode, TierConfig, parse_share_or_bytes
 from tiermem.errors import CapacityError, ConfigError, StoreError
 from tiermem.features import SparseFeatures
 from tiermem.kernels import current_threads as num_threads
+from tiermem.kernels import threads as kernel_threads
 from tiermem.kernels.dedupe import offset_ids
 from tiermem.quantize import RowDtype
 from tiermem.stats import TableStats
@@ -121,8 +122,8 @@ class CacheConfig:
 PREFETCH_CHUNK_ROWS = 1024
 
 
-#: lookups from which a batch of hits is resolved on every thread (below, one thread's
-#: pass costs less than waking the others)
+#: lookups from which a batch of hits is resolved on every thread (below, the same
+#: pass on the calling thread costs less than waking the others)
 PARALLEL_RESOLVE_MIN = 8192
 
 
@@ -167,6 +168,8 @@ class _Group:
     """the prefetcher has filled slots: batches check the prefetched flags."""
     parallel_hits: bool = False
     """the policy resolves a batch of hits on all threads (CLOCK, FIFO)."""
+    last_resident: bool = True
+    """the group's last batch found every row resident (try the parallel pass)."""
 
 
 class CachedTier(Tier):
@@ -332,13 +335,17 @@ class CachedTier(Tier):
         ls = sc.lookup_slot[:n]
         with self._lock:
             fast = False
-            if g.parallel_hits and n >= PARALLEL_RESOLVE_MIN and num_threads() > 1:
-                # the steady state, a batch of hits only: resolved on every thread (a
-                # miss found sends the batch down the serial path below)
-                fast, nu, useful = g.policy.resolve_resident(
-                    features.values, features.offsets, features.batch_size, g.base[tids],
-                    g.ready, g.prefetched, sc, check_ready=g.filling > 0,
-                    check_prefetched=g.prefetch_seen)
+            if g.parallel_hits and g.last_resident:
+                # the steady state, a batch of hits only (tried while the group's last
+                # batch was one: after a miss, a failed pass would only add to resolve's):
+                # resolved on every thread, or on this one for a small batch (the lean
+                # pass beats resolve there too); a miss sends it down resolve below
+                one = n < PARALLEL_RESOLVE_MIN or num_threads() <= 1
+                with kernel_threads(1 if one else None):
+                    fast, nu, useful = g.policy.resolve_resident(
+                        features.values, features.offsets, features.batch_size, g.base[tids],
+                        g.ready, g.prefetched, sc, check_ready=g.filling > 0,
+                        check_prefetched=g.prefetch_seen)
                 self.prefetch_counters.useful += useful
             if not fast:
                 nu, nm, nev, nwait, useful = g.policy.resolve(
@@ -349,6 +356,7 @@ class CachedTier(Tier):
                 self._note_evictions(g, sc.ev_slots[:nev])
                 hit_slots = sc.hit_slots()
             resident = fast or (nm == 0 and nwait == 0)
+            g.last_resident = resident
             if resident:
                 # Every row is in its slot: pool now, under the lock, so no other
                 # batch can evict them meanwhile (no pins, no second pass).

@@ -31,13 +31,12 @@ class KernelCensus:
 
 
 def kernel_cache_dir() -> str:
-    """Where Numba keeps the compiled kernels (``NUMBA_CACHE_DIR``, else ``__pycache__``
-    beside the kernels' sources)."""
-    import os
+    """Where Numba keeps the compiled kernels: the folder its cache locator chose
+    (``NUMBA_CACHE_DIR``, ``__pycache__`` beside the sources, or a per-user folder when
+    that one is not writable)."""
+    from tiermem.kernels.rowio import dedupe_sorted
 
-    from numba.core.config import CACHE_DIR
-
-    return CACHE_DIR or os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+    return str(dedupe_sorted.stats.cache_path)
 
 
 def kernel_census() -> KernelCensus:

@@ -116,7 +116,12 @@ def main() -> None:
         for s in sessions.values():
             s.warmup()
         rng = np.random.default_rng(0)
-        report("idle machine", measure(sessions, args.rounds, args.batches, rng), list(modes))
+        free_cores().free()
+        time.sleep(0.5)
+        free = free_cores().free()
+        note = "" if free >= cores - 0.5 else " -- NOT idle: other processes are running"
+        report(f"idle machine (auto saw {free:.1f} cores free{note})",
+               measure(sessions, args.rounds, args.batches, rng), list(modes))
         stop = mp.Event()
         nb = mp.Process(target=spin, args=(stop,), daemon=True)
         nb.start()

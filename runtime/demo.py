@@ -140,9 +140,10 @@ LEGEND = """\
   p50/p99 ms  time between consecutive batch results (pipelined stream)
   hit rate    distinct rows per batch found in the DRAM cache (ssd+cache only)
   device      rows / MiB / read operations the tier took from its device, prefetches
-              included (SSD: whole 4 KiB pages, so a 64-byte row costs a page, and without a
-              cache a row that a later batch needs again is read again; CXL: modeled row
-              accesses; DRAM: none, the rows are in memory)
+              included (SSD: a batch's distinct rows, neighbours merged into one read, so
+              the bytes include the gaps between them, and without a cache a row that a
+              later batch needs again is read again; CXL: modeled row accesses; DRAM:
+              none, the rows are in memory)
   wall(model) seconds measured, and of them the time the CXL model waited (latency,
               bandwidth): the CXL tier serves from DRAM and waits what an expander would add
   max |dp|    largest difference from the DRAM tier's click probabilities (0: identical)"""
@@ -182,6 +183,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, log: Any = print) -> dict[str, A
              for _ in batches]
     log(f"workload: {cfg.batches} batches x {cfg.batch_size} samples, one id per table, "
         f"Zipf({cfg.alpha}) ids\n")
+    log("warming up: every kernel is compiled (the first run on a machine: about a "
+        "minute) or loaded from Numba's cache, before anything is measured ...")
     results = [_run_tier(model_path, store_path, st, dense, batches, cfg.threads,
                          cfg.cache_share) for st in SETUPS]
     ref = results[0]["preds"]
@@ -198,7 +201,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, log: Any = print) -> dict[str, A
             f"{wall_model:>13} {r['max_abs_diff_vs_dram']:>8.1e}")
     log("\n" + LEGEND)
     log(f"\n(SSD: the page cache is dropped before each SSD run; ssd+cache: a "
-        f"{cfg.cache_share:.0%} CLOCK cache with the lookahead prefetcher. Kernels were "
+        f"{cfg.cache_share:.0%} CLOCK cache with the lookahead prefetcher, starting empty: "
+        f"over {cfg.batches} batches it saves device reads more than time. Kernels were "
         f"compiled or loaded before any measured batch: "
         f"{sum(r['warmup_s'] for r in results):.1f} s of warm-up in all.)")
 

@@ -681,8 +681,13 @@ def test_features_validate_ids() -> None:
         SparseFeatures.from_lengths(["a", "b"], [0, 4, 5, 10], [2, 0, 1, 1]).validate_ids([5, 10])
     with pytest.raises(InvalidBatchError, match=r"'a'.*-1.*negative"):
         SparseFeatures.from_lengths(["a", "b"], [0, -1, 5, 9], [2, 0, 1, 1]).validate_ids([5, 10])
-    with pytest.raises(InvalidBatchError, match=r"'a'.*= 4 is out of range .* 4 rows"):
+    # named as the caller wrote it: the sample and the position in its bag
+    with pytest.raises(InvalidBatchError,
+                       match=r"'a': id 4 \(sample 0, position 1 in its bag\) is out of range "
+                             r"for a table of 4 rows"):
         sf.validate_ids([4, 10])
+    with pytest.raises(InvalidBatchError, match=r"'b': id 10 \(sample 1, position 0 in its bag"):
+        SparseFeatures.from_lengths(["a", "b"], [0, 4, 5, 10], [2, 0, 1, 1]).validate_ids([5, 10])
 
 
 @pytest.mark.parametrize("make,match", [

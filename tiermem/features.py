@@ -252,11 +252,18 @@ class SparseFeatures:
                               for t, k in enumerate(self.keys)), np.int64, len(self.keys))
         bad = check_table_ids(self.values, self.offsets, self.batch_size, counts)
         if bad is not None:
-            t, msg = bad
-            s, _ = self.table_range(t)
-            # report the position within the table as well
-            raise InvalidBatchError(f"table {self.keys[t]!r}: {msg} (values index; table ids "
-                                    f"start at {s})")
+            t, _ = bad
+            # name it as the caller wrote it: the sample and the position in its bag
+            s, e = self.table_range(t)
+            vals = self.values[s:e]
+            i = int(np.flatnonzero((vals < 0) | (vals >= counts[t]))[0]) + s
+            b = self.batch_size
+            bag = int(np.searchsorted(self.offsets[t * b:(t + 1) * b + 1], i, side="right")) - 1
+            v = int(self.values[i])
+            what = "is negative" if v < 0 else f"is out of range for a table of {counts[t]} rows"
+            raise InvalidBatchError(
+                f"table {self.keys[t]!r}: id {v} (sample {bag}, position "
+                f"{i - int(self.offsets[t * b + bag])} in its bag) {what}")
 
     def select(self, keys: Sequence[str]) -> SparseFeatures:
         """The same batch restricted/reordered to ``keys``."""

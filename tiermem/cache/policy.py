@@ -282,7 +282,7 @@ class CachePolicy:
         # empty lists: the sentinels point at themselves
         node[c, _k.N_PREV] = node[c, _k.N_NEXT] = c
         node[c + 1, _k.N_PREV] = node[c + 1, _k.N_NEXT] = c + 1
-        work = np.zeros((3, c), np.int32)
+        work = np.zeros((_k.W_ROWS, c), np.int32)
         # popped from the end: slot 0 is handed out first
         work[_k.W_FREE] = np.arange(c - 1, -1, -1, dtype=np.int32)
         ghost, gidx = np.full(1, -1, np.int64), np.full((2, 2), -1, np.int64)

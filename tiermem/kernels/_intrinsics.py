@@ -35,10 +35,13 @@ def prefetch_row(typingctx, arr, row, col):  # type: ignore[no-untyped-def]
         ptr = cgutils.get_item_pointer(
             context, builder, aty, ary, [args[1], args[2]], wraparound=False, boundscheck=False
         )
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32])
+        # one declaration per module serves every element type: pass an i8*
+        i8p = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
         # rw=0 (read), locality=3 (keep in all levels), cache type=1 (data)
-        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(_I32, 0),
+                          ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
         return context.get_dummy_value()
 
     return types.void(arr, row, col), codegen
@@ -290,9 +293,10 @@ def atomic_fetch_add(typingctx, arr, idx, val):  # type: ignore[no-untyped-def]
 
 @intrinsic
 def atomic_exchange_2d(typingctx, arr, row, col, val):  # type: ignore[no-untyped-def]
-    """``old = arr[row, col]; arr[row, col] = val`` atomically (int64 2-D array); returns
+    """``old = arr[row, col]; arr[row, col] = val`` atomically (int32/int64 2-D array); returns
     ``old``: of several threads writing the same value, exactly one sees another one."""
-    if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.dtype == types.int64
+    if not (isinstance(arr, types.Array) and arr.ndim == 2
+            and arr.dtype in (types.int32, types.int64)
             and isinstance(row, types.Integer) and isinstance(col, types.Integer)
             and isinstance(val, types.Integer)):
         return None
@@ -304,10 +308,10 @@ def atomic_exchange_2d(typingctx, arr, row, col, val):  # type: ignore[no-untype
         c = context.cast(builder, args[2], sig.args[2], types.intp)
         ptr = cgutils.get_item_pointer(context, builder, aty, ary, [r, c], wraparound=False,
                                        boundscheck=False)
-        v = context.cast(builder, args[3], sig.args[3], types.int64)
+        v = context.cast(builder, args[3], sig.args[3], aty.dtype)
         return builder.atomic_rmw("xchg", ptr, v, "seq_cst")
 
-    return types.int64(arr, row, col, val), codegen
+    return arr.dtype(arr, row, col, val), codegen
 
 
 @intrinsic

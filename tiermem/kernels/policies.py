@@ -29,7 +29,7 @@ placeholders.
              N_SEQ    LFU (= N_NEXT): stamp of the moment the key entered its count
              N_PINS   in-flight pin count (never evicted while > 0)
              N_FLAGS  F_STATIC (statically pinned), F_INM (S3: in main queue)
-             N_REF    CLOCK reference bit / S3-FIFO frequency (0..3)
+             N_REF    S3-FIFO frequency (0..3); CLOCK's reference bit is work[W_REF]
              N_CNT    LFU use count
     work   int32[3, C]     row W_FREE: stack of free slots (sc[M_NFREE] of them);
                            row W_ASIDE: entries lifted out of a queue during a call;
@@ -150,6 +150,9 @@ N_COLS = 8
 W_FREE = 0
 W_ASIDE = 1
 W_HEAP = 2
+W_REF = 3  # CLOCK reference bit, 4 bytes a slot (not in the slot's 64-byte line)
+W_RMARK = 4  # cache_resolve_resident's batch mark (the low 31 bits of the epoch)
+W_ROWS = 5
 
 # sc[]: mutable scalars
 M_EPOCH = 0
@@ -533,7 +536,7 @@ def _attach(node, work, ghost, gidx, sc, s, key, c):  # type: ignore[no-untyped-
     elif pol == P_CLOCK:
         # New keys enter with ref 0 (one access earns no second chance); a key
         # seen more than once in its admitting batch already earned one.
-        node[s, N_REF] = 1 if c > 1 else 0
+        work[W_REF, s] = 1 if c > 1 else 0
     elif pol == P_S3FIFO:
         # Occurrences after the first in the admitting batch count as reads.
         f = c - 1
@@ -563,6 +566,8 @@ def _detach(node, work, sc, s):  # type: ignore[no-untyped-def]
         else:
             sc[M_SSIZE] -= 1
         node[s, N_FLAGS] &= ~F_INM
+    elif pol == P_CLOCK:
+        work[W_REF, s] = 0
     node[s, N_REF] = 0
 
 
@@ -581,7 +586,7 @@ def _touch(node, work, sc, pol, s, c):  # type: ignore[no-untyped-def]
         sc[M_SEQ] += 1
         _h_down(node, work, sc[M_HSIZE], node[s, N_HPOS])
     elif pol == P_CLOCK:
-        node[s, N_REF] = 1
+        work[W_REF, s] = 1
     elif pol == P_S3FIFO:
         f = node[s, N_REF] + c
         node[s, N_REF] = 3 if f > 3 else f
@@ -695,8 +700,8 @@ def _victim(node, work, sc, epoch):  # type: ignore[no-untyped-def]
                 and (node[s, N_FLAGS] & F_STATIC) == 0
                 and not _protected(node, s, epoch)
             ):
-                if node[s, N_REF] != 0:
-                    node[s, N_REF] = 0
+                if work[W_REF, s] != 0:
+                    work[W_REF, s] = 0
                 else:
                     sc[M_HAND] = hand
                     return s
@@ -1083,6 +1088,7 @@ def policy_pin_static(st, keys, slots, ev_keys, ev_slots):  # type: ignore[no-un
         node[s, N_MARK] = epoch
         node[s, N_FLAGS] = F_STATIC
         node[s, N_REF] = 0
+        work[W_REF, s] = 0
         sc[M_NSTATIC] += 1
         slots[i] = s
     _restore(node, work, sc)
@@ -1299,6 +1305,8 @@ def cache_resolve_resident(st, values, offsets, batch_size, base, ready, prefetc
             ca[c] = a
             c += 1
     res = np.zeros((nchunks, 4), np.int64)  # failed, distinct hits, hit lookups, useful
+    ep32 = np.int32(epoch & 0x7FFFFFFF)
+    statics = sc[M_NSTATIC] > 0
     for c in prange(nchunks):
         t = ct[c]
         a = ca[c]
@@ -1307,12 +1315,16 @@ def cache_resolve_resident(st, values, offsets, batch_size, base, ready, prefetc
         distinct = 0
         useful = 0
         for i in range(a, e):
+            # staged prefetch: the index line 2 * _PF ahead, the slot's 4-byte mark and
+            # reference bit _PF ahead (compact rows: a hot set shares their lines)
             if i + 2 * _PF < e:
                 prefetch_row(idx, _line(idx, bits, b + values[i + 2 * _PF]), np.int64(0))
             if i + _PF < e:
                 s2 = _idx_find(idx, bits, b + values[i + _PF])
                 if s2 >= 0:
-                    prefetch_row(node, np.int64(s2), np.int64(0))
+                    prefetch_row(work, np.int64(W_RMARK), np.int64(s2))
+                    if clock:
+                        prefetch_row(work, np.int64(W_REF), np.int64(s2))
             s = _idx_find(idx, bits, b + values[i])
             if s < 0 or (check_ready and not ready[s]):
                 res[c, 0] = 1
@@ -1320,11 +1332,12 @@ def cache_resolve_resident(st, values, offsets, batch_size, base, ready, prefetc
             lookup_slot[i] = s
             # a plain read first: a repeat (the common case of a hot row) needs no locked
             # instruction; a first occurrence is claimed by the one thread whose swap sees
-            # another epoch
-            if node[s, N_MARK] != epoch and atomic_exchange_2d(node, s, N_MARK, epoch) != epoch:
+            # another mark
+            if work[W_RMARK, s] != ep32 and \
+                    atomic_exchange_2d(work, W_RMARK, s, ep32) != ep32:
                 distinct += 1
-                if clock and (node[s, N_FLAGS] & F_STATIC) == 0:
-                    node[s, N_REF] = 1
+                if clock and (not statics or (node[s, N_FLAGS] & F_STATIC) == 0):
+                    work[W_REF, s] = 1
                 if check_prefetched and prefetched[s]:
                     prefetched[s] = False
                     useful += 1

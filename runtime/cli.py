@@ -195,8 +195,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
                                       "nbytes": t.spec.nbytes} for t in info.tables]}, indent=2))
         return 0
     print(f"store {info.path}: {len(info.tables)} tables, {info.nbytes / 2**20:.1f} MiB")
-    print(f"format {info.version}, " + ("checksums per 4 KiB block (checked on every read; "
-                                        "`tiermem verify` scrubs it all)" if info.verified else
+    print(f"format {info.version}, " + (("checksums per 4 KiB block" + (
+        " and per row" if info.version >= 3 else "") + " (checked on every read; "
+        "`tiermem verify` scrubs it all)") if info.verified else
                                         "unverified: no checksums (an older store; recreate it)"))
     print(f"{'table':<24} {'rows':>14} {'dim':>5} {'dtype':>8} {'MiB':>10} {'chunk rows':>11}")
     for t in info.tables:
@@ -220,7 +221,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(f"wrote {len(preds)} predictions to {args.out}",
               file=sys.stderr if args.stats else sys.stdout)
         if args.stats:
-            print(json.dumps(sess.stats, indent=2))
+            stats = dict(sess.stats)
+            tables = stats.get("tables", {})
+            # the sums over the tables first: what a reader looks for
+            total = {k: sum(t.get(k, 0) for t in tables.values())
+                     for k in (next(iter(tables.values())) if tables else {})}
+            print(json.dumps({"total": total, **stats}, indent=2))
     return 0
 
 

@@ -275,6 +275,9 @@ def test_predict(models, tmp_path: Path, subprocess_env) -> None:
         assert f"wrote {b} predictions" in p.stderr
         stats = json.loads(p.stdout)
         assert set(stats["tables"]) == set(names)
+        for k in ("lookups", "rows_read", "bytes_read"):  # the sums over the tables
+            assert stats["total"][k] == sum(t[k] for t in stats["tables"].values())
+        assert stats["total"]["lookups"] > 0
         got = _load_preds(out)
         assert got.shape == (b,)
         if out.suffix == ".npy":

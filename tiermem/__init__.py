@@ -7,8 +7,9 @@ submodule (``tiermem.errors``, ``tiermem.config``) does not pay for numba.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tiermem._lazy import lazy_names
 
 if TYPE_CHECKING:
     from tiermem.config import PoolingMode, TierConfig, TierKind
@@ -69,17 +70,4 @@ def _version() -> str:
             return "0+unknown"
 
 
-def __getattr__(name: str) -> Any:
-    if name == "__version__":
-        value: Any = _version()
-    else:
-        module = _LAZY.get(name)
-        if module is None:
-            raise AttributeError(f"module 'tiermem' has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | {"__version__"})
+__getattr__, __dir__ = lazy_names("tiermem", _LAZY, globals(), {"__version__": _version})

@@ -5,8 +5,9 @@ The planner needs numpy only; the sharded runtime needs the ``ray`` extra.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tiermem._lazy import lazy_names
 
 if TYPE_CHECKING:
     from runtime.distributed.plan import Piece, ShardPlan, load_plan
@@ -30,13 +31,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'runtime.distributed' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_names("runtime.distributed", _LAZY, globals())
 
 
 __all__ = [

@@ -138,50 +138,30 @@ def pread_scatter(ext_fd, ext_off, ext_len, ext_u0, row_src, row_dst, row_nb, sc
         nb = ext_len[e]
         a = ext_u0[e]
         b = ext_u0[e + 1]
-        s0 = ext_sum0[e]
-        if row_sum_at[a] >= 0:
-            lead = 0
-            if align > 0:
-                lead = off % align
-                span = ((lead + nb + align - 1) // align) * align
-                got = _pread_full(fd, scr, span, off - lead)
-            else:
-                got = _pread_full(fd, scr, nb, off)
-            if got < lead + nb:
+        rows_checked = row_sum_at[a] >= 0
+        blocks_checked = not rows_checked and ext_sum0[e] >= 0
+        if align == 0 and not rows_checked and not blocks_checked and b - a == 1 \
+                and row_nb[a] == nb:
+            if _pread_full(fd, row_dst[a], nb, off) != nb:
                 return e
+            continue
+        # widened to whole blocks for a block check, to ``align`` for O_DIRECT
+        w = BLOCK_BYTES if blocks_checked else align
+        lead = off % w if w > 0 else 0
+        span = ((lead + nb + w - 1) // w) * w if w > 0 else nb
+        got = _pread_full(fd, scr, span, off - lead)
+        if got < lead + nb:
+            return e
+        if rows_checked:
             for u in range(a, b):
                 h = row_hash(scratch, scratch64, lead + row_src[u], row_nb[u], rowbuf, rowbuf64)
                 if h != row_sums[row_sum_at[u]]:
                     return -2 - e
-            for u in range(a, b):
-                _memcpy(row_dst[u], scr + lead + row_src[u], row_nb[u])
-            continue
-        if s0 >= 0:
-            lead = off % BLOCK_BYTES
-            span = ((lead + nb + BLOCK_BYTES - 1) // BLOCK_BYTES) * BLOCK_BYTES
-            got = _pread_full(fd, scr, span, off - lead)
-            if got < lead + nb:
-                return e
+        elif blocks_checked:
             # a short read ends at the end of the file: its last block is short
             if first_bad_block(scratch64, scratch, got, sums,
-                               s0 + (off - lead) // BLOCK_BYTES) >= 0:
+                               ext_sum0[e] + (off - lead) // BLOCK_BYTES) >= 0:
                 return -2 - e
-            for u in range(a, b):
-                _memcpy(row_dst[u], scr + lead + row_src[u], row_nb[u])
-            continue
-        if align == 0 and b - a == 1 and row_nb[a] == nb:
-            if _pread_full(fd, row_dst[a], nb, off) != nb:
-                return e
-            continue
-        lead = 0
-        if align > 0:
-            lead = off % align
-            span = ((lead + nb + align - 1) // align) * align
-            got = _pread_full(fd, scr, span, off - lead)
-        else:
-            got = _pread_full(fd, scr, nb, off)
-        if got < lead + nb:
-            return e
         for u in range(a, b):
             _memcpy(row_dst[u], scr + lead + row_src[u], row_nb[u])
     return -1

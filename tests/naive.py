@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["reference_dlrm_forward"]
+__all__ = ["Jagged", "reference_dlrm_forward"]
 
 
 def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,3 +160,20 @@ def reference_dlrm_forward(
     for layer in top[:-1]:
         z = torch.relu(layer(z))
     return torch.sigmoid(top[-1](z)).reshape(-1)
+
+
+class Jagged:
+    """A stand-in for torchrec's JaggedTensor: the methods tiermem reads (values, offsets,
+    weights_or_none), for tests that run without torchrec."""
+
+    def __init__(self, values, offsets, weights=None):
+        self._v, self._o, self._w = values, offsets, weights
+
+    def values(self):
+        return self._v
+
+    def offsets(self):
+        return self._o
+
+    def weights_or_none(self):
+        return self._w

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tests.naive import Jagged
 from tiermem.config import PoolingMode, TierConfig
 from tiermem.errors import InvalidBatchError
 from tiermem.features import SparseFeatures
@@ -101,22 +102,6 @@ def test_float64_weight_beyond_float32_is_refused_not_inf():
     # the largest float32 itself is fine
     f = SparseFeatures.from_lengths(["a"], [0], [1], np.array([np.finfo(np.float32).max]))
     assert np.isfinite(f.weights).all()
-
-
-class Jagged:
-    """The JaggedTensor methods tiermem reads (values/offsets/weights_or_none)."""
-
-    def __init__(self, values, offsets, weights=None):
-        self._v, self._o, self._w = values, offsets, weights
-
-    def values(self):
-        return self._v
-
-    def offsets(self):
-        return self._o
-
-    def weights_or_none(self):
-        return self._w
 
 
 def test_mapping_of_jagged_tensors_equals_pairs():

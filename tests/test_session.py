@@ -17,7 +17,7 @@ from runtime import (
     save_torchrec_checkpoint,
     store_from_checkpoint,
 )
-from tests.naive import reference_dlrm_forward
+from tests.naive import Jagged, reference_dlrm_forward
 from tiermem import ConfigError, InvalidBatchError, SparseFeatures, TierConfig
 
 ROWS = (300, 41, 1000, 7)
@@ -216,23 +216,7 @@ def test_empty_batch_gives_empty_results_of_the_batch_dtypes(tmp_path, tier):
                     )[0].shape == (0,)
 
 
-class _Jagged:
-    """What tiermem reads of a torchrec JaggedTensor."""
-
-    def __init__(self, values, offsets, weights=None):
-        self._v, self._o, self._w = values, offsets, weights
-
-    def values(self):
-        return self._v
-
-    def offsets(self):
-        return self._o
-
-    def weights_or_none(self):
-        return self._w
-
-
-class _KJT(_Jagged):
+class _KJT(Jagged):
     """What tiermem reads of a torchrec KeyedJaggedTensor (and its to_dict)."""
 
     def __init__(self, f: SparseFeatures):
@@ -244,7 +228,7 @@ class _KJT(_Jagged):
         return list(self._f.keys)
 
     def to_dict(self):
-        return {k: _Jagged(*(None if a is None else torch.from_numpy(a) for a in self._f.table(k)))
+        return {k: Jagged(*(None if a is None else torch.from_numpy(a) for a in self._f.table(k)))
                 for k in self._f.keys}
 
 

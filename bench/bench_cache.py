@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_ssd import raw_random_reads  # noqa: E402
+
 from runtime.model import DLRMConfig, random_dense  # noqa: E402
 from tiermem.cache.cache import CacheConfig, CachedTier  # noqa: E402
 from tiermem.cache.prefetch import PrefetchConfig, Prefetcher  # noqa: E402
@@ -41,8 +42,8 @@ from tiermem.config import TierConfig, TierKind  # noqa: E402
 from tiermem.features import SparseFeatures  # noqa: E402
 from tiermem.format import TableSpec, create_random_store, open_store  # noqa: E402
 from tiermem.tiers import DramTier, SsdTier  # noqa: E402
-from traces.tuning import simulate  # noqa: E402
 from traces.synth import GeneratorConfig, Pooling, generate, synthetic_batches  # noqa: E402
+from traces.tuning import simulate  # noqa: E402
 
 # Meta 2021 calibration found by `tiermem trace-generate --calibrate-to meta2021`
 META_FIT = {"alpha": 0.88, "alpha_spread": 0.15, "active_fraction": 0.06}
@@ -183,11 +184,13 @@ def part2(info, trs, args, raw_rate) -> None:
     k = args.lookahead
     steady = {on: np.asarray(v[k:]) for on, v in res.items()}
     for on in (False, True):
+        slowest = ', '.join(f'#{k + i} {steady[on][i] * 1e3:.0f}'
+                            for i in np.argsort(-steady[on])[:4])
         print(f"paced, prefetch {'on ' if on else 'off'}, batches {k}..: p50 "
               f"{np.percentile(steady[on], 50) * 1e3:7.2f} ms  p99 "
               f"{np.percentile(steady[on], 99) * 1e3:7.2f} ms  (first {k}: "
               f"{', '.join(f'{x * 1e3:.0f}' for x in res[on][:k])} ms; slowest after them: "
-              f"{', '.join(f'#{k + i} {steady[on][i] * 1e3:.0f}' for i in np.argsort(-steady[on])[:4])} ms)")
+              f"{slowest} ms)")
     p99 = np.percentile(steady[False], 99) / np.percentile(steady[True], 99)
     p99_all = np.percentile(res[False], 99) / np.percentile(res[True], 99)
     print(f"paced p99 off/on = {p99:.2f}x after the first {k} batches "
@@ -235,7 +238,8 @@ def part3(info, trs, args) -> None:
     for k, v in out.items():
         print(f"{k:<11} {n / v:>10,.0f} samples/s")
     r = (n / out["pipelined"]) / bound
-    print(f"pipelined / (1 / max(stage time)) = {r:.2f} ({'ok' if r >= 0.9 else 'MISSED (>= 0.9)'});"
+    print(f"pipelined / (1 / max(stage time)) = {r:.2f} "
+          f"({'ok' if r >= 0.9 else 'MISSED (>= 0.9)'});"
           f" pipelined / serial = {out['serial'] / out['pipelined']:.2f}x")
 
 
@@ -252,7 +256,8 @@ def part4(info, trs, args) -> None:
                            admission=[adm], profile_batches=args.warm_batches,
                            pinned_fraction=0.9, opt=adm is None)
             for r in res.results:
-                label = r.policy if r.admission is None or "+" in r.policy else f"{r.policy}+{r.admission}"
+                label = (r.policy if r.admission is None or "+" in r.policy
+                         else f"{r.policy}+{r.admission}")
                 if r.policy == "opt":
                     opt_rate = r.hit_rate
                     continue

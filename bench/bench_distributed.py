@@ -48,8 +48,14 @@ from runtime.session import InferenceSession, RuntimeConfig  # noqa: E402
 from tiermem.config import TierConfig  # noqa: E402
 from tiermem.format import create_random_store, open_store, table_specs  # noqa: E402
 from tiermem.tiers import open_tier  # noqa: E402
-from traces.synth import DLRMV2_MULTI_HOT, GeneratorConfig, Pooling, PoolingKind  # noqa: E402
-from traces.synth import generate, table_preset  # noqa: E402
+from traces.synth import (  # noqa: E402
+    DLRMV2_MULTI_HOT,
+    GeneratorConfig,
+    Pooling,
+    PoolingKind,
+    generate,
+    table_preset,
+)
 
 
 def machine() -> str:

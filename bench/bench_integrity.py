@@ -7,8 +7,8 @@ hashed on another thread right after it is read; goal <= 10%), from the cold
 disk (a service starting) and from the page cache, and the cold
 SSD path (page cache dropped before each batch with POSIX_FADV_DONTNEED;
 each row checked against its 32-bit row checksum in the read kernel; goal
-<= 5%), plus the warm (page-cached) SSD path (goal ~10%). Runs alternate verified / unverified, so drift hits both;
-the ratio is of medians. Prints the CPU model.
+<= 5%), plus the warm (page-cached) SSD path (goal ~10%). Runs alternate
+verified / unverified, so drift hits both; the ratio is of medians. Prints the CPU model.
 """
 
 from __future__ import annotations

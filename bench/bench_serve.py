@@ -50,8 +50,8 @@ sys.path.insert(0, str(ROOT))
 
 from runtime.service import ServingConfig, ServingRuntime  # noqa: E402
 from runtime.session import InferenceSession, RuntimeConfig  # noqa: E402
-from tiermem.features import SparseFeatures  # noqa: E402
 from runtime.wire import BINARY_TYPE, PREDICTIONS_TYPE, encode_request  # noqa: E402
+from tiermem.features import SparseFeatures  # noqa: E402
 from traces.synth import synthetic_batches  # noqa: E402
 
 QUANTILE_FILE = ROOT.parent / "shared" / "data" / "mlperf_dlrm" / "dist_quantile.txt"
@@ -191,8 +191,9 @@ def part1(session: InferenceSession, queries: list, args: argparse.Namespace) ->
                   f"errors {r['errors']}", flush=True)
         m = rt.metrics()
     best = max(rows, key=lambda r: r["qps"])
+    mean_batch = m['batch_size']['sum'] / max(1, m['batch_size']['count'])
     print(f"saturation: {best['qps']:.1f} queries/s ({best['samples_per_s']:,.0f} samples/s) "
-          f"with {best['threads']} threads; mean batch {m['batch_size']['sum'] / max(1, m['batch_size']['count']):.0f} "
+          f"with {best['threads']} threads; mean batch {mean_batch:.0f} "
           f"samples; {best['qps'] / anchor['qps']:.2f}x the per-query anchor", flush=True)
     return {"anchor": anchor, "rows": rows, "best": best}
 
@@ -257,8 +258,8 @@ async def poisson_run(port: int, bodies: list[bytes], rate: float, duration: flo
         k = i % len(bodies)
         try:
             status = await asyncio.wait_for(_request(conn, heads[k], bodies[k]), 30)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError,
-                ConnectionResetError, ValueError):
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ConnectionResetError,
+                ValueError):
             conn.writer.close()
             open_conns -= 1
             codes[-1] = codes.get(-1, 0) + 1
@@ -465,7 +466,8 @@ def run_loadgen(rt: ServingRuntime, queries: list, scenario: str, qps: float,
         settings.min_query_count = max(64, int(qps * args.duration))
     else:
         settings.scenario = lg.TestScenario.Offline
-        settings.offline_expected_qps = 4 * qps  # big batches beat the closed loop: fill min_duration
+        # big batches beat the closed loop: fill min_duration
+        settings.offline_expected_qps = 4 * qps
         settings.min_query_count = max(64, int(qps * args.duration))
     settings.min_duration_ms = duration_ms
     settings.max_duration_ms = duration_ms * 6 + 30_000
@@ -519,7 +521,7 @@ def part3(session: InferenceSession, queries: list, sat_qps: float, args: argpar
     return out
 
 
-# -- main -------------------------------------------------------------------------------------------
+# -- main ------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -124,7 +124,8 @@ def main() -> None:
     if args.quick:
         args.rows, args.reps, args.batch_size, args.pooling = 200_000, 2, 256, 8
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.machine())
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), platform.machine())
     print(f"machine: {cpu}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}")
     path = Path(args.dir) / f"ssd-{args.rows}x{args.dim}.zarr"

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_cache import add_store_args, build_store, machine, profile, traces  # noqa: E402
 from bench_ssd import raw_random_reads  # noqa: E402
+
 from tiermem.cache.cache import CacheConfig, CachedTier  # noqa: E402
 from tiermem.config import TierConfig, TierKind  # noqa: E402
 from tiermem.tiers import CxlTier, DramTier, SsdTier  # noqa: E402

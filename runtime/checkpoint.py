@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from runtime.model import DLRMConfig, DenseDLRM, random_dense
+from runtime.model import DenseDLRM, DLRMConfig, random_dense
 from tiermem.atomicio import chmod_default
 from tiermem.errors import ConfigError, StoreFormatError
 

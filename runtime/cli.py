@@ -3,7 +3,8 @@
     tiermem demo                       build a model + store, serve a workload, report
     tiermem create-store OUT ...       random tables, or the tables of a checkpoint
     tiermem info STORE                 tables, sizes, dtypes of a store
-    tiermem verify STORE               check every block against its checksum (runtime/verify_cli.py)
+    tiermem verify STORE               check every block against its checksum
+                                       (see runtime/verify_cli.py)
     tiermem predict --model --store --batch --out
     tiermem trace-stats / trace-generate / trace-convert   (see traces/cli.py)
     tiermem replay / tune                                  (see traces/replay_cli.py)

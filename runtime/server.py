@@ -70,10 +70,10 @@ import logging
 import math
 import os
 import signal
+import struct
 import sys
 import threading
 import time
-import struct
 import uuid
 import zipfile
 import zlib
@@ -987,8 +987,8 @@ def serve(args: argparse.Namespace) -> int:
         server = uvicorn.Server(config)
         sock.listen(config.backlog)  # now: a client that read the line below can connect
         scheme = "https" if tls else "http"
-        print(f"tiermem serve: listening on {scheme}://{host}:{port} ({len(runtime.batcher.table_names)}"
-              f" tables, tier {args.tier})", flush=True)
+        print(f"tiermem serve: listening on {scheme}://{host}:{port} "
+              f"({len(runtime.batcher.table_names)} tables, tier {args.tier})", flush=True)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal
         # with the handler found at start: make both land here, not kill the process
         # before the queue is drained.

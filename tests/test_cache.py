@@ -20,8 +20,8 @@ from tiermem import (
     open_tier,
 )
 from tiermem.cache.cache import CacheConfig, CachedTier
-from tiermem.quantize import RowDtype
 from tiermem.cache.prefetch import PrefetchConfig, Prefetcher
+from tiermem.quantize import RowDtype
 from traces.synth import synthetic_batches
 
 SPECS = [TableSpec("a", 3000, 8), TableSpec("b", 500, 8), TableSpec("c", 1200, 8),

@@ -22,8 +22,8 @@ import torch
 import zarr
 
 from runtime.batchfile import save_batch
-from runtime.cli import main as cli_main
 from runtime.checkpoint import save_dlrm_checkpoint, save_torchrec_checkpoint
+from runtime.cli import main as cli_main
 from runtime.model import DLRMConfig, random_dense
 from tiermem.features import SparseFeatures
 

@@ -17,7 +17,7 @@ from runtime.checkpoint import (
     save_dlrm_checkpoint,
     save_torchrec_checkpoint,
 )
-from runtime.model import DLRMConfig, DenseDLRM, TracedDense, interaction_indices, random_dense
+from runtime.model import DenseDLRM, DLRMConfig, TracedDense, interaction_indices, random_dense
 from tiermem.errors import ConfigError, InvalidBatchError, StoreFormatError
 
 try:

@@ -28,7 +28,7 @@ def brute_force_misses(keys, cap, bypass):
     """Fewest misses over every eviction (and, with bypass, admission) choice."""
     keys = tuple(int(k) for k in keys)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def best(i, cache):
         if i == len(keys):
             return 0

@@ -355,8 +355,8 @@ def test_prefetch_replay_is_deterministic(env):
 def test_ctrl_c_writes_a_partial_report(env, tmp_path, python, subprocess_env, repo_root):
     """A real SIGINT while the replay waits on batch 8 (a FIFO): exit 130, report marked."""
     import os
-    import signal
     import shutil
+    import signal
 
     tr = tmp_path / "t"
     shutil.copytree(env["trace"], tr)

@@ -33,14 +33,14 @@ from runtime.server import npz_body
 from runtime.service import ServingConfig, ServingRuntime
 from runtime.session import InferenceSession, RuntimeConfig
 from runtime.wire import BINARY_TYPE, MAGIC, encode_request
-from tests.test_service import (  # noqa: F401 - model is a fixture
+from tests.test_service import (  # noqa: F401 - model_fixture is the fixture `model`
     NAMES,
     NUM_DENSE,
     ROWS,
     Gated,
     json_kjt,
     make_request,
-    model,
+    model_fixture,
     serve,
     wait_until,
 )
@@ -212,7 +212,7 @@ def test_healthz_answers_while_a_large_body_decodes(session):
             done = threading.Event()
             out = {}
 
-            def post():
+            def post(out=out, done=done):
                 out["r"] = client.post("/predict", content=body, headers=NPZ)
                 done.set()
 
@@ -406,8 +406,8 @@ def test_stalled_body_gets_408_and_close(hard):
         for short in (500, 100):  # half a body; a body 100 bytes short of its length
             sock = _connect(url)
             socks.append(sock)
-            head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: 1000\r\n\r\n").encode()
+            head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 1000\r\n\r\n")
             sock.sendall(head + b" " * (1000 - short))
         t0 = time.monotonic()
         for sock in socks:

@@ -38,8 +38,8 @@ from runtime.convert import store_from_checkpoint
 from runtime.model import DLRMConfig, random_dense
 from runtime.server import create_app, npz_body, server_config
 from runtime.service import ServingConfig, ServingRuntime
-from runtime.wire import BINARY_TYPE, PREDICTIONS_TYPE, decode_predictions, encode_request
 from runtime.session import InferenceSession, RuntimeConfig
+from runtime.wire import BINARY_TYPE, PREDICTIONS_TYPE, decode_predictions, encode_request
 from tiermem.errors import ConfigError, InvalidBatchError
 from tiermem.features import SparseFeatures
 
@@ -52,8 +52,8 @@ NUM_DENSE = 5
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
+@pytest.fixture(scope="module", name="model")
+def model_fixture(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     cfg = DLRMConfig(num_dense=NUM_DENSE, embedding_dim=DIM, num_tables=len(ROWS),
                      bottom_mlp=(11, DIM), top_mlp=(9, 4, 1), interaction="dlrm")

@@ -208,17 +208,17 @@ def test_meta_malformed(tmp_path):
     rng = np.random.default_rng(6)
     f = _toy_tables(rng, 6)
 
-    def bad_offsets(i, o, l):
+    def bad_offsets(i, o, n):
         o = o.copy()
         o[4] += 1
-        return i, o, l
+        return i, o, n
 
     p = _write_meta(tmp_path / "bad.pt.gz", f, tamper=bad_offsets)
     with pytest.raises(TraceFormatError, match=r"bad.pt.gz: table 0 bag 3"):
         list(MetaTrace(p))
     tr = MetaTrace([p, _write_meta(tmp_path / "ok.pt.gz", f)], on_error="skip")
     assert len(list(tr)) == 1 and tr.skipped == 1
-    p = _write_meta(tmp_path / "short.pt.gz", f, tamper=lambda i, o, l: (i, o[:-1], l))
+    p = _write_meta(tmp_path / "short.pt.gz", f, tamper=lambda i, o, n: (i, o[:-1], n))
     with pytest.raises(TraceFormatError, match="T\\*B\\+1"):
         list(MetaTrace(p))
     good = (tmp_path / "ok.pt.gz").read_bytes()

@@ -32,16 +32,20 @@ META = DATA / "meta_dlrm_datasets"
 needs_data = pytest.mark.skipif(not DATA.is_dir(),
                                 reason=f"real sample data not found at {DATA} (../shared absent)")
 
+def _rows(values):
+    return "\n".join(f"{lab}: {v}" for lab, v in zip(bin_labels(), values, strict=True))
+
+
 SAMPLE = """fbgemm_t2_bs4.pt
 Locality stats after processing 1 batches of size 4
 Avg # of indices: 10
 Avg # of unique cols: 5
 Avg col size: 2.0
 Histogram of col sizes:
-""" + "\n".join(f"{lab}: {v}" for lab, v in zip(bin_labels(), [0.6, 0.2, 0.2] + [0] * 14)) + """
+""" + _rows([0.6, 0.2, 0.2] + [0] * 14) + """
 [0, 1, 2]
 Ratio of index distribution at different column sizes:
-""" + "\n".join(f"{lab}: {v}" for lab, v in zip(bin_labels(), [0.3, 0.2, 0.5] + [0] * 14)) + "\n"
+""" + _rows([0.3, 0.2, 0.5] + [0] * 14) + "\n"
 
 
 def test_bins():

@@ -225,7 +225,7 @@ def test_table_id_check_finds_the_first_bad_id(batch, seed):
     got = check_table_ids(values, s.offsets, s.batch_size, np.asarray(ROWS))
     if expect is None:
         assert got is None
-        s.validate_ids(dict(zip(NAMES, ROWS)))
+        s.validate_ids(dict(zip(NAMES, ROWS, strict=True)))
     else:
         assert got is not None and got[0] == expect[0]
         assert f"ids[{expect[1]}] = {values[expect[1]]}" in got[1]

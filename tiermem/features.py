@@ -101,7 +101,8 @@ class SparseFeatures:
         object.__setattr__(self, "offsets", offsets)
         if (offsets.size - 1) % len(keys) != 0 or offsets.size < 1:
             raise InvalidBatchError(
-                f"offsets has {offsets.size} entries; expected T * B + 1 with T = {len(keys)} tables"
+                f"offsets has {offsets.size} entries; expected T * B + 1 with "
+                f"T = {len(keys)} tables"
             )
         msg = check_offsets(offsets, values.size)
         if msg:

@@ -91,7 +91,8 @@ class TableSpec:
         for fld in ("rows", "dim"):
             v = getattr(self, fld)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ConfigError(f"table {self.name!r}: {fld} must be a positive integer, got {v!r}")
+                raise ConfigError(f"table {self.name!r}: {fld} must be a positive integer, "
+                                  f"got {v!r}")
             object.__setattr__(self, fld, int(v))
         object.__setattr__(self, "dtype", RowDtype.parse(self.dtype))
 
@@ -247,7 +248,8 @@ class StoreInfo:
             out.append(dataclasses.replace(t, spec=spec, row_offset=start))
         return StoreInfo(self.path, tuple(out), self.attrs, self.version)
 
-    def read_table(self, name: str, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def read_table(self, name: str, rows: slice | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
         """Read a row range of a table into memory (weights, qparams)."""
         t = self.table(name)
         start, stop, _ = (rows or slice(None)).indices(t.spec.rows)
@@ -332,21 +334,26 @@ class StoreWriter:
         self.tmp.mkdir()
         self._chunk_rows = {s.name: chunk_rows or default_chunk_rows(s) for s in specs}
         self._written = dict.fromkeys(names, 0)
-        self._pending: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = {n: [] for n in names}
+        self._pending: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = {
+            n: [] for n in names}
         self._pending_rows = dict.fromkeys(names, 0)
         self._chunk_index = dict.fromkeys(names, 0)
         self._spec = {s.name: s for s in specs}
         self._done = False
-        _write_json(self.tmp / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
+        _write_json(self.tmp / "zarr.json", {"zarr_format": 3, "node_type": "group",
+                                             "attributes": {}})
         _write_json(self.tmp / "tables" / "zarr.json", {"zarr_format": 3, "node_type": "group",
                                                          "attributes": {}})
         for s in specs:
             cr = self._chunk_rows[s.name]
             base = self.tmp / "tables" / s.name
-            _write_json(base / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
-            _write_json(base / "weight" / "zarr.json", _array_meta((s.rows, s.dim), cr, s.dtype.numpy))
+            _write_json(base / "zarr.json", {"zarr_format": 3, "node_type": "group",
+                                             "attributes": {}})
+            _write_json(base / "weight" / "zarr.json",
+                        _array_meta((s.rows, s.dim), cr, s.dtype.numpy))
             if s.dtype.quantized:
-                _write_json(base / "qparams" / "zarr.json", _array_meta((s.rows, 2), cr, np.float32))
+                _write_json(base / "qparams" / "zarr.json",
+                            _array_meta((s.rows, 2), cr, np.float32))
             for arr, rb in (("weight", s.row_bytes), ("qparams", 8)):
                 if arr == "qparams" and not s.dtype.quantized:
                     continue
@@ -379,7 +386,8 @@ class StoreWriter:
         s = self._spec[name]
         block = np.asarray(block)
         if block.ndim != 2 or block.shape[1] != s.dim:
-            raise ConfigError(f"table {name!r}: block must have shape (n, {s.dim}), got {block.shape}")
+            raise ConfigError(f"table {name!r}: block must have shape (n, {s.dim}), "
+                              f"got {block.shape}")
         if self.rows_written(name) + block.shape[0] > s.rows:
             raise ConfigError(
                 f"table {name!r}: writing {block.shape[0]} rows after {self.rows_written(name)}"
@@ -387,7 +395,8 @@ class StoreWriter:
             )
         if qparams is not None:
             if not s.dtype.quantized or block.dtype != np.int8:
-                raise ConfigError(f"table {name!r}: qparams only go with int8 blocks of an int8 table")
+                raise ConfigError(f"table {name!r}: qparams only go with int8 blocks of an "
+                                  "int8 table")
             q, qp = block, np.ascontiguousarray(qparams, dtype=np.float32)
             if qp.shape != (block.shape[0], 2):
                 raise ConfigError(f"table {name!r}: qparams must have shape ({block.shape[0]}, 2)")
@@ -773,7 +782,8 @@ def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> St
     version = meta.get("version")
     if version not in READ_VERSIONS:
         raise StoreFormatError(f"{root}: store format version {version!r} is not supported "
-                               f"(this tiermem reads versions {', '.join(map(str, READ_VERSIONS))})")
+                               "(this tiermem reads versions "
+                               f"{', '.join(map(str, READ_VERSIONS))})")
     checked = version >= 2
     if checked and meta.get("checksum") != {"scheme": CHECKSUM_SCHEME, "block_bytes": BLOCK_BYTES}:
         raise StoreFormatError(f"{root}: checksum scheme {meta.get('checksum')!r} is not "

@@ -330,7 +330,8 @@ class TraceWriter:
         self.compress = compress
         self.attrs = dict(attrs or {})
         if self.path.exists() and not overwrite:
-            raise ConfigError(f"{self.path} exists (pass overwrite=True / --overwrite to replace it)")
+            raise ConfigError(f"{self.path} exists "
+                              "(pass overwrite=True / --overwrite to replace it)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         from tiermem.format import clean_stale_temps
 

@@ -29,8 +29,14 @@ from typing import Any
 
 from runtime.argtypes import nonneg_int as _nonneg_int
 from tiermem.errors import ConfigError
-from traces.cli import _add_source_args, _open_source, _pos_int, add_progress_args, note, \
-    show_progress
+from traces.cli import (
+    _add_source_args,
+    _open_source,
+    _pos_int,
+    add_progress_args,
+    note,
+    show_progress,
+)
 
 __all__ = ["REPLAY_COMMANDS", "add_replay_commands", "main"]
 
@@ -154,7 +160,8 @@ def format_report(rep: dict[str, Any]) -> str:
                  f"{cold['read_ops']} ops, device {cold['device_read_MBps']:.1f} MB/s")
     pf = rep.get("prefetch")
     if pf and pf.get("lookahead"):
-        lines.append(f"prefetch (lookahead {pf['lookahead']}, {pf.get('mode', 'async')}): issued {pf['issued']}, useful "
+        lines.append(f"prefetch (lookahead {pf['lookahead']}, {pf.get('mode', 'async')}): "
+                     f"issued {pf['issued']}, useful "
                      f"{pf['useful']}, late {pf['late']}, wasted {pf['wasted']}, dropped "
                      f"{pf['dropped']}")
     if c:

@@ -692,10 +692,12 @@ def calibrate(target: Sequence[float] | np.ndarray | str, config: GeneratorConfi
     a_best, lf_best = min(grid, key=lambda x: dist(x[0], s_best, 10 ** x[1]))
     a_step, f_step = (hi - lo) / 5, (fhi - flo) / 4
     for _ in range(rounds):
-        a_best, _ = _golden(lambda a: dist(a, s_best, 10 ** lf_best),
+        a_best, _ = _golden(lambda a, s_best=s_best, lf_best=lf_best:
+                            dist(a, s_best, 10 ** lf_best),
                             max(lo, a_best - a_step), min(hi, a_best + a_step), 12)
         if fit_fraction:
-            lf_best, _ = _golden(lambda lf: dist(a_best, s_best, 10 ** lf),
+            lf_best, _ = _golden(lambda lf, a_best=a_best, s_best=s_best:
+                                 dist(a_best, s_best, 10 ** lf),
                                  max(flo, lf_best - f_step), min(fhi, lf_best + f_step), 12)
         s_best = float(min([s_best, *spreads], key=lambda s: dist(a_best, s, 10 ** lf_best)))
         a_step /= 2

@@ -813,7 +813,8 @@ def _mrc_figure(results: TuneResults, target_hit_rate: float | None = None,
         ax.plot(xs, ys, marker="o", label="OPT (Belady, bypass)" if p == OPT else p, **style)
     if target_hit_rate is not None:
         ax.axhline(1 - target_hit_rate, color="red", linewidth=1, alpha=0.7,
-                   label=f"target hit rate {target_hit_rate:g}\n(miss ratio {1 - target_hit_rate:.2g})")
+                   label=f"target hit rate {target_hit_rate:g}\n"
+                         f"(miss ratio {1 - target_hit_rate:.2g})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("miss ratio (distinct rows per batch)")
     xs_all = sorted(set(xpos.values()))

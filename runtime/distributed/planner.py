@@ -235,9 +235,9 @@ class _P:
 
     __slots__ = ("t", "a", "b", "shard", "nbytes", "l", "u")
 
-    def __init__(self, t: int, a: int, b: int, shard: int, nbytes: int, l: float, u: float):
+    def __init__(self, t: int, a: int, b: int, shard: int, nbytes: int, load: float, u: float):
         self.t, self.a, self.b, self.shard, self.nbytes, self.l, self.u = t, a, b, shard, \
-            nbytes, l, u
+            nbytes, load, u
 
     def copy(self) -> _P:
         return _P(self.t, self.a, self.b, self.shard, self.nbytes, self.l, self.u)
@@ -569,7 +569,7 @@ class _Search:
                 if d >= 0 and self._better((m, sq), cur) and (best is None or (m, sq) < best[:2]):
                     best = (m, sq, d, p, None)
             # a load-balanced part of a hot piece (a row-wise split)
-            for i, p in sorted(mine, key=lambda x: -self.wp[x[0]])[:4]:
+            for _i, p in sorted(mine, key=lambda x: -self.wp[x[0]])[:4]:
                 for a, b in self._sub_ranges(p):
                     part = c.piece(p.t, a, b)
                     wr = c.w(part)

@@ -124,7 +124,7 @@ class Router:
         out = np.zeros((b, len(self.table_names), dim), np.float32)
         for t, name in enumerate(self.table_names):
             where = self._where[name]
-            for p, s, j in where:
+            for _p, s, j in where:
                 part = shard_outputs[s][:, j * dim:(j + 1) * dim]
                 if len(where) == 1:
                     out[:, t, :] = part

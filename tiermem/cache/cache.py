@@ -289,7 +289,8 @@ class CachedTier(Tier):
             out[key] = offset_ids(sub.values, sub.offsets, sub.batch_size, base)
         return out
 
-    def _split_by_table(self, g: _Group, gids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    def _split_by_table(self, g: _Group, gids: np.ndarray
+                        ) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """``(table index, positions in gids, table rows)`` for each table present."""
         which = np.searchsorted(g.key_table, gids, side="right") - 1
         out = []

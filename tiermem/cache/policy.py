@@ -436,7 +436,8 @@ class CachePolicy:
                 sc.hstamp[:] = 0
                 sc.stamp = 1
             out = _resolve(self._st, values, offsets, np.int64(batch_size), base, ready,
-                           prefetched, bool(check_ready), bool(check_prefetched), self._upos, sc.lookup_slot, sc.uslots, sc.ucounts,
+                           prefetched, bool(check_ready), bool(check_prefetched), self._upos,
+                           sc.lookup_slot, sc.uslots, sc.ucounts,
                            sc.mkeys, sc.mcounts, sc.mslots, sc.hkey, sc.hval, sc.hstamp,
                            np.int64(sc.stamp), sc.order, sc.ev_keys, sc.ev_slots, sc.tstats)
         nu, nm, nev, nwait, nuseful = (int(x) for x in out)  # type: ignore[union-attr]
@@ -571,7 +572,8 @@ class CachePolicy:
             if total > limit:
                 raise CapacityError(
                     f"Expected at most {limit} statically pinned keys for capacity "
-                    f"{self.capacity} ({'all slots' if self._static_only else 'one slot stays dynamic'}). "
+                    f"{self.capacity} "
+                    f"({'all slots' if self._static_only else 'one slot stays dynamic'}). "
                     f"Got {total} ({self.n_static} already pinned + {int((~already).sum())} new).")
             slots = np.empty(k_u.size, np.int32)
             ev_keys = np.empty(k_u.size, np.int64)
@@ -841,8 +843,8 @@ def make_policy(name: str | Policy, capacity: int, *, admission: str | None = No
             dyn = _policy_name(dynamic, "dynamic policy")
             if dyn not in _DYNAMIC:
                 raise ConfigError(
-                    f"Expected a dynamic policy for hybrid ({', '.join(d.value for d in _DYNAMIC)})."
-                    f" Got {dyn.value!r} instead.")
+                    "Expected a dynamic policy for hybrid "
+                    f"({', '.join(d.value for d in _DYNAMIC)}). Got {dyn.value!r} instead.")
         if dyn is Policy.LFU:
             p = LFUPolicy(capacity, aging_period=lfu_aging_period, admission=admission, seed=seed)
         elif dyn is Policy.S3FIFO:

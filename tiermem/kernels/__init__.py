@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numba
 
-__all__ = ["KernelCensus", "current_threads", "kernel_cache_dir", "kernel_census", "max_threads", "resolve_threads", "threads"]
+__all__ = ["KernelCensus", "current_threads", "kernel_cache_dir", "kernel_census", "max_threads",
+           "resolve_threads", "threads"]
 
 #: the modules whose ``@njit`` functions make up tiermem's kernels
 _MODULES = ("dedupe", "jagged", "nextuse", "policies", "rowio", "sls", "validate")

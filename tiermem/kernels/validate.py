@@ -67,7 +67,8 @@ def offsets_error(code: int, pos: int, value: int, nnz: int) -> str | None:
     if code == BAD_FIRST_OFFSET:
         return f"offsets[0] must be 0, got {value}"
     if code == DECREASING_OFFSET:
-        return f"offsets must be non-decreasing; offsets[{pos}] = {value} is below offsets[{pos - 1}]"
+        return (f"offsets must be non-decreasing; offsets[{pos}] = {value} is below "
+                f"offsets[{pos - 1}]")
     if pos == 0:
         return "offsets is empty: it needs at least one entry (0)"
     return f"offsets[-1] = {value} must equal the number of ids ({nnz})"

@@ -34,9 +34,9 @@ import numpy as np
 
 from tiermem.config import PoolingMode, TierConfig, TierKind
 from tiermem.errors import CorruptBlockError, InvalidBatchError, StoreError
-from tiermem.integrity import BLOCK_BYTES, bad_block, corrupt_error
 from tiermem.features import SparseFeatures
 from tiermem.format import StoreInfo, TableInfo
+from tiermem.integrity import BLOCK_BYTES, bad_block, corrupt_error
 from tiermem.kernels.rowio import dedupe_sorted, plan_extents, pread_scatter
 from tiermem.stats import TableStats
 from tiermem.tiers.base import ReadRequest, Tier

@@ -30,7 +30,6 @@ or foreign file is an error at open, never a SIGBUS or garbage later.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import json
 import os
@@ -45,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from tiermem.chunkio import os_reason, pread_exact
 from tiermem.errors import ConfigError, StoreError, StoreFormatError
 from tiermem.integrity import BLOCK_BYTES, blocks_per_chunk, chunk_sums, file_sum, row_sums
 from tiermem.integrity import SCHEME as CHECKSUM_SCHEME
@@ -712,12 +712,6 @@ def _check_array(meta: dict[str, Any], where: Path, shape: tuple[int, int], chun
         raise bad(f"codecs {codecs} are not a single uncompressed little-endian 'bytes' codec")
 
 
-def _why(e: OSError) -> str:
-    if e.errno == errno.ELOOP:
-        return "symlink loop (too many levels of symbolic links)"
-    return e.strerror or str(e)
-
-
 def _file_kind(mode: int) -> str:
     for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symlink"),
                        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -737,7 +731,7 @@ def _check_chunks(dir_: Path, n_chunks: int, chunk_bytes: int, real_root: str | 
         except FileNotFoundError:
             raise StoreFormatError(f"{what} {p} is missing") from None
         except OSError as e:
-            raise StoreFormatError(f"{what} {p} cannot be read: {_why(e)}") from None
+            raise StoreFormatError(f"{what} {p} cannot be read: {os_reason(e)}") from None
         if not stat.S_ISREG(st.st_mode):  # a folder's st_size may equal the chunk's size
             raise StoreFormatError(f"{what} {p} is not a regular file "
                                    f"({_file_kind(st.st_mode)})")
@@ -767,7 +761,7 @@ def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> St
     except FileNotFoundError:
         raise StoreFormatError(f"store {root} does not exist") from None
     except OSError as e:  # a symlink loop, a permission denied on the way...
-        raise StoreFormatError(f"store {root} cannot be opened: {_why(e)}") from None
+        raise StoreFormatError(f"store {root} cannot be opened: {os_reason(e)}") from None
     if not root.is_dir():
         raise StoreFormatError(f"store {root} is not a folder (a zarr v3 group is a folder)")
     group = _load_json(root / "zarr.json", "store metadata")
@@ -889,24 +883,6 @@ def read_rows_into(t: TableInfo, start: int, stop: int, w: np.ndarray,
         if on_bytes is not None:
             on_bytes((end - pos) * rb)
         pos = end
-
-
-def pread_exact(path: Path, offset: int, view: memoryview) -> None:
-    """Read ``len(view)`` bytes at ``offset`` of a chunk file, or a StoreFormatError."""
-    try:
-        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
-    except IsADirectoryError:  # a store opened with check_chunks=False
-        raise StoreFormatError(f"chunk file {path} is not a regular file (a folder)") from None
-    except OSError as e:
-        raise StoreFormatError(f"chunk file {path} cannot be read: {_why(e)}") from None
-    with f:
-        f.seek(offset)
-        got = 0
-        while got < len(view):
-            n = f.readinto(view[got:])
-            if not n:
-                raise StoreFormatError(f"{path}: unexpected end of file at byte {offset + got}")
-            got += n
 
 
 def table_specs(items: Iterable[tuple[str, int, int]], dtype: RowDtype | str) -> list[TableSpec]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tiermem.chunkio import pread_exact
 from tiermem.errors import CorruptBlockError, StoreFormatError
 
 __all__ = ["BLOCK_BYTES", "SCHEME", "BadBlock", "blocks_per_chunk", "chunk_sums",
@@ -201,8 +202,6 @@ def read_verified(t, start: int, stop: int, w: np.ndarray,  # type: ignore[no-un
     caches and while the next piece is read, so the hashing overlaps the
     reading instead of being a second pass over the whole table.
     """
-    from tiermem.format import pread_exact
-
     futures = []
     try:
         for what, path, rb, sums, c, a, b, region in _pieces(t, start, stop, w, q, LOAD_PIECE):

@@ -48,14 +48,8 @@ from runtime.session import InferenceSession, RuntimeConfig  # noqa: E402
 from tiermem.config import TierConfig  # noqa: E402
 from tiermem.format import create_random_store, open_store, table_specs  # noqa: E402
 from tiermem.tiers import open_tier  # noqa: E402
-from traces.synth import (  # noqa: E402
-    DLRMV2_MULTI_HOT,
-    GeneratorConfig,
-    Pooling,
-    PoolingKind,
-    generate,
-    table_preset,
-)
+from traces.presets import DLRMV2_MULTI_HOT, table_preset  # noqa: E402
+from traces.synth import GeneratorConfig, Pooling, PoolingKind, generate  # noqa: E402
 
 
 def machine() -> str:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from traces.synth import GeneratorConfig, SyntheticTrace, table_preset  # noqa: E402
+from traces.presets import table_preset  # noqa: E402
+from traces.synth import GeneratorConfig, SyntheticTrace  # noqa: E402
 from traces.tuning import simulate  # noqa: E402
 
 POLICIES = ["lru", "lfu", "fifo", "clock", "s3fifo", "static", "hybrid"]

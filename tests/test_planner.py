@@ -29,7 +29,8 @@ from tiermem.errors import CapacityError, ConfigError, InvalidBatchError
 from tiermem.features import SparseFeatures
 from tiermem.format import TableSpec, create_random_store, open_store, table_specs
 from traces.formats import write_trace
-from traces.synth import TABLE_PRESETS, GeneratorConfig, SyntheticTrace
+from traces.presets import TABLE_PRESETS
+from traces.synth import GeneratorConfig, SyntheticTrace
 
 DTYPES = ["float32", "float16", "int8"]
 

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from tiermem.errors import ConfigError
+from traces.presets import DLRMV2_MULTI_HOT, TABLE_PRESETS, table_preset
 from traces.stats import ReuseHistogram, histogram_distance, meta_target, reuse_histogram
 from traces.synth import (
-    DLRMV2_MULTI_HOT,
-    TABLE_PRESETS,
     GeneratorConfig,
     Pooling,
     SyntheticTrace,
@@ -20,7 +19,6 @@ from traces.synth import (
     format_calibration,
     generate,
     synthetic_batches,
-    table_preset,
     zipf_ids,
 )
 

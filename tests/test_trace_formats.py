@@ -13,6 +13,7 @@ import pytest
 from tiermem.errors import ConfigError, TierMemError
 from tiermem.features import SparseFeatures
 from traces.formats import (
+    FORMATS,
     CriteoTrace,
     MetaTrace,
     NativeTrace,
@@ -20,10 +21,12 @@ from traces.formats import (
     TraceFormatError,
     TraceWriter,
     convert_trace,
+    open_source,
     rebatch,
+    sniff,
     write_trace,
 )
-from traces.synth import TABLE_PRESETS
+from traces.presets import TABLE_PRESETS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(),
@@ -384,3 +387,44 @@ def test_criteo_convert_round_trip(tmp_path):
     assert nt.rows == KROWS and nt.num_dense == 13 and nt.has_labels
     for a, b in zip(CriteoTrace(path, batch_size=1000, max_samples=2500), nt, strict=True):
         _same(a, b)
+
+
+# -- the registry: sniff and open_source -----------------------------------------------
+
+def test_sniff_and_open_source_every_format(tmp_path):
+    rng = np.random.default_rng(11)
+    native = write_trace(tmp_path / "tr", [_batch(rng, ("a", "b"), 6, (10, 20))
+                                           for _ in range(3)])
+    meta = _write_meta(tmp_path / "fbgemm_t3_bs9.pt.gz", _toy_tables(rng, 9))
+    tsv = tmp_path / "day.tsv"
+    tsv.write_text(_line(1, list(range(13)), [f"{i:x}" for i in range(26)]) + "\n")
+    assert [sniff(p) for p in (native, meta, tsv)] == ["native", "meta", "criteo"]
+    assert list(FORMATS) == ["native", "meta", "criteo"]
+    # one set of options (text as the CLI has it) for every format: None and what a
+    # format does not take are left out
+    common = {"batch_size": None, "tables": None, "rows": None, "on_error": "raise",
+              "labelled": None, "missing_id": 0, "max_samples": None}
+    nt = open_source(native, **{**common, "tables": "b", "batch_size": 9})
+    assert isinstance(nt, NativeTrace) and nt.keys == ("b",)
+    assert [x.batch_size for x in nt] == [9, 9]
+    mt = open_source([meta], **{**common, "tables": "2,0", "rows": "60,60"})
+    assert isinstance(mt, MetaTrace) and mt.keys == ("t2", "t0") and mt.rows == (60, 60)
+    ct = open_source(tsv, **{**common, "tables": "1"})
+    assert isinstance(ct, CriteoTrace) and ct.batch_size == 2048 and ct.keys == ("C2",)
+    assert ct.rows == (KROWS[1],) and next(iter(ct)).sparse.values.tolist() == [1]
+    # the format named overrides the sniffing
+    assert isinstance(open_source(tsv, "criteo", rows="criteo_terabyte"), CriteoTrace)
+    with pytest.raises(TraceFormatError, match="no trace.json"):
+        open_source(tmp_path, "native")
+    with pytest.raises(ConfigError, match="one directory"):
+        open_source([native, native])
+    with pytest.raises(ConfigError, match="unknown trace format 'parquet'"):
+        open_source(tsv, "parquet")
+    with pytest.raises(ConfigError, match=r"unknown trace option\(s\) \['tabels'\]"):
+        open_source(tsv, tabels="1")
+    with pytest.raises(ConfigError, match="comma-separated integers"):
+        open_source(meta, tables="a,b")
+    with pytest.raises(TraceFormatError, match="no such file"):
+        sniff(tmp_path / "nope.tsv")
+    with pytest.raises(ConfigError, match="no input files"):
+        sniff([])

@@ -17,14 +17,16 @@ if TYPE_CHECKING:
         TraceFormatError,
         TraceWriter,
         convert_trace,
+        open_source,
         open_trace,
         rebatch,
+        sniff,
         write_trace,
     )
     from traces.opt import OptResult, belady, belady_curve, global_keys, next_use
+    from traces.presets import TABLE_PRESETS
     from traces.stats import TraceStats, analyze, format_stats, plot_stats, reuse_histogram
     from traces.synth import (
-        TABLE_PRESETS,
         GeneratorConfig,
         Pooling,
         SyntheticTrace,
@@ -38,14 +40,15 @@ if TYPE_CHECKING:
 _LAZY = {
     **dict.fromkeys(["CriteoTrace", "MetaTrace", "NativeTrace", "OnError", "Trace",
                      "TraceBatch", "TraceFormatError", "TraceWriter", "convert_trace",
-                     "open_trace", "rebatch", "write_trace"], "traces.formats"),
+                     "open_source", "open_trace", "rebatch", "sniff", "write_trace"],
+                    "traces.formats"),
     **dict.fromkeys(["OptResult", "belady", "belady_curve", "global_keys", "next_use"],
                      "traces.opt"),
     **dict.fromkeys(["TraceStats", "analyze", "format_stats", "plot_stats", "reuse_histogram"],
                      "traces.stats"),
-    **dict.fromkeys(["TABLE_PRESETS", "GeneratorConfig", "Pooling", "SyntheticTrace",
-                     "calibrate", "generate", "synthetic_batches", "zipf_ids"],
-                     "traces.synth"),
+    "TABLE_PRESETS": "traces.presets",
+    **dict.fromkeys(["GeneratorConfig", "Pooling", "SyntheticTrace", "calibrate", "generate",
+                     "synthetic_batches", "zipf_ids"], "traces.synth"),
 }
 
 
@@ -76,10 +79,12 @@ __all__ = [
     "generate",
     "global_keys",
     "next_use",
+    "open_source",
     "open_trace",
     "plot_stats",
     "rebatch",
     "reuse_histogram",
+    "sniff",
     "synthetic_batches",
     "write_trace",
     "zipf_ids",

@@ -401,7 +401,7 @@ class TraceProfile:
         Criteo) sizes the tables; otherwise ``max id + 1``. ``source`` names the
         trace in :meth:`to_dict` (default: its path).
         """
-        from traces.formats import CriteoTrace, MetaTrace, NativeTrace, open_trace, rebatch
+        from traces.formats import CriteoTrace, NativeTrace, open_source, rebatch
 
         name = "trace"
         if isinstance(trace, (str, os.PathLike)) or (
@@ -413,14 +413,7 @@ class TraceProfile:
                 if not p.exists():
                     raise ConfigError(f"trace {p} does not exist")
             name = ",".join(map(str, paths))
-            if paths[0].is_dir():
-                if len(paths) != 1:
-                    raise ConfigError("a native trace is one directory")
-                opened: Any = open_trace(paths[0], batch_size=batch_size)
-            elif paths[0].name.endswith((".pt", ".pt.gz", ".pth", ".pth.gz")):
-                opened = MetaTrace(paths, batch_size=batch_size)
-            else:
-                opened = CriteoTrace(paths, batch_size=batch_size or 2048)
+            opened: Any = open_source(paths, batch_size=batch_size)
             src: Any = opened
         else:
             opened = src = trace

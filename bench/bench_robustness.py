@@ -7,8 +7,8 @@
    tracemalloc, time = how long it held the event loop); "after" is the server
    now: the answer, its time, and the worst ``/healthz`` latency meanwhile, plus
    the same for a deflated 64 MiB bomb and a 16 MiB npz of the budget's size.
-2. *Overload*: ``python -m runtime.server`` (a small DLRM, 1 worker, 1 thread,
-   ``--max-queue 64``) in a subprocess. Saturation: a closed loop of N keep-alive
+2. *Overload*: ``tiermem serve`` (a small DLRM, 1 worker, 1 thread,
+   ``--max-queue-requests 64``) in a subprocess. Saturation: a closed loop of N keep-alive
    raw-socket connections in a client process, N doubling until the answers (200)
    per second grow less than 5%. Then ``--procs`` client processes offer 2.5x that
    rate open-loop for ``--seconds`` (each request due at a fixed time, sent on an
@@ -86,8 +86,8 @@ def build_model(tmp: Path) -> tuple[Path, Path]:
 
 
 def start_server(ckpt: Path, store: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "runtime.server", "--model", str(ckpt), "--store", str(store),
-           "--port", "0", "--threads", "1", *extra]
+    cmd = [sys.executable, "-m", "runtime.cli", "serve", "--model", str(ckpt), "--store",
+           str(store), "--port", "0", "--threads", "1", *extra]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
                          cwd=Path(__file__).resolve().parents[1])
     line = p.stdout.readline()
@@ -319,7 +319,7 @@ def overload(ckpt: Path, store: Path, seconds: float, procs: int, max_conns: int
     sat = 0.0
     with ctx.Pool(procs) as pool:
         for mode, extra in (("reject", ()), ("wait", ("--wait-timeout-s", "0.2"))):
-            p, url = start_server(ckpt, store, "--overload", mode, "--max-queue", "64",
+            p, url = start_server(ckpt, store, "--overload", mode, "--max-queue-requests", "64",
                                   "--max-delay-ms", "1", *extra)
             try:
                 addr = _addr(url)

@@ -12,7 +12,7 @@ Parts (``--parts 1,2,3``):
    N client threads submitting queries back to back; the best queries/s over
    the thread counts is *the saturation rate*. Anchor: ``session.predict``
    called query by query (no batching), same queries.
-2. the real HTTP server (``python -m runtime.server`` in a subprocess, binary
+2. the real HTTP server (``tiermem serve`` in a subprocess, binary
    ``application/x-tiermem`` bodies (``--body npz`` for npz), keep-alive
    connections over 127.0.0.1, the same ``--workers`` as part 1) under open-loop Poisson
    arrivals at rising rates (fractions of the saturation rate), ``--duration``
@@ -308,9 +308,10 @@ def compact_body(dense: np.ndarray, sparse: SparseFeatures) -> bytes:
 def start_server(model: Path, store: Path, args: argparse.Namespace) -> tuple[Any, int]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", "runtime.server", "--model", str(model), "--store", str(store),
-           "--host", "127.0.0.1", "--port", "0", "--max-batch-size", str(args.max_batch_size),
-           "--max-delay-ms", str(args.max_delay_ms), "--max-queue", "4096",
+    cmd = [sys.executable, "-m", "runtime.cli", "serve", "--model", str(model), "--store",
+           str(store), "--host", "127.0.0.1", "--port", "0",
+           "--max-batch-size", str(args.max_batch_size),
+           "--max-delay-ms", str(args.max_delay_ms), "--max-queue-requests", "4096",
            "--max-queue-samples", str(1 << 22), "--max-body-bytes", "64MiB",
            "--workers", str(args.workers), "--threads", str(args.runtime_threads)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)

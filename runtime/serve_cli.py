@@ -1,30 +1,42 @@
-"""``tiermem serve``'s options, apart from the HTTP app in :mod:`runtime.server`.
+"""``tiermem serve``: its options, and the runtime and server they describe.
 
 Building the ``tiermem`` parser (``--help`` of every verb) imports this module,
 not the serving stack: numpy, numba, torch and uvicorn load when ``serve`` runs.
+
+    tiermem serve --model demo-out/model.pt --store demo-out/store.zarr \\
+        [--host 127.0.0.1] [--port 8000] [--tier dram|ssd|cxl] [--cache-size 10%|100000|64MiB] \\
+        [--policy lru] [--prefetch-lookahead 2] [--max-batch-size 2048] [--max-delay-ms 2] \\
+        [--max-queue 1024] [--max-queue-samples 65536] [--overload reject|wait] [--workers 1] \\
+        [--default-deadline-ms MS] [--max-body-bytes 16MiB] [--no-warmup]
+
+binds 127.0.0.1 unless told otherwise before the model loads, prints ``listening on
+http://HOST:PORT`` (``--port 0`` picks a free port), and on SIGINT/SIGTERM stops
+accepting connections, answers the accepted requests and exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.argtypes import nonneg_int, port, positive_int
+from runtime.server.defaults import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_LIMIT_CONCURRENCY,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_JSON_BYTES,
+)
 from tiermem.config import parse_bytes
 from tiermem.errors import ConfigError
 
-__all__ = ["DEFAULT_BODY_TIMEOUT_S", "DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_LIMIT_CONCURRENCY",
-           "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_JSON_BYTES", "SERVE_COMMANDS",
-           "add_serve_commands", "configure_serve"]
+if TYPE_CHECKING:
+    from runtime.service import ServingRuntime
 
-DEFAULT_MAX_BODY_BYTES = 16 << 20
-DEFAULT_MAX_JSON_BYTES = 4 << 20
-"""JSON parsing holds the GIL (~10 ms per MiB): larger JSON bodies would stall the server."""
-DEFAULT_BODY_TIMEOUT_S = 5.0
-DEFAULT_HEADER_TIMEOUT_S = 10.0
-DEFAULT_LIMIT_CONCURRENCY = 2048
+__all__ = ["SERVE_COMMANDS", "add_serve_commands", "build_runtime", "configure_serve", "serve"]
 
 
 def _bytes(s: str) -> int:
@@ -65,7 +77,7 @@ def _nonneg_float(s: str) -> float:
 
 
 def configure_serve(p: argparse.ArgumentParser) -> None:
-    """The options of ``tiermem serve`` (and ``python -m runtime.server``)."""
+    """The options of ``tiermem serve``."""
     from runtime.cli import _add_tier_args
     from runtime.distributed.plan_cli import add_shard_args
 
@@ -145,6 +157,70 @@ def add_serve_commands(subparsers: Any) -> None:
     configure_serve(p)
 
 
+def build_runtime(args: argparse.Namespace) -> ServingRuntime:
+    """The session and serving runtime the ``serve`` options describe."""
+    from runtime.cli import _tier_config
+    from runtime.distributed.plan_cli import open_session
+    from runtime.service import ServingConfig, ServingRuntime
+    from runtime.session import RuntimeConfig
+
+    cache = prefetch = None
+    if args.cache_size is not None:
+        from tiermem.cache.cache import CacheConfig
+
+        cache = CacheConfig(policy=args.policy, **args.cache_size)
+    if args.prefetch_lookahead:
+        from tiermem.cache.prefetch import PrefetchConfig
+
+        prefetch = PrefetchConfig(lookahead=args.prefetch_lookahead)
+    threads = args.threads
+    if threads == "auto" and args.workers > 1:  # the meter would give each worker every core
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+    cfg = RuntimeConfig(tier=_tier_config(args), num_threads=threads, cache=cache,
+                        prefetch=prefetch)
+    scfg = ServingConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
+                         max_queue_requests=args.max_queue,
+                         max_queue_samples=args.max_queue_samples, overload=args.overload,
+                         max_request_samples=args.max_request_samples,
+                         max_request_ids=args.max_request_ids,
+                         wait_timeout_s=args.wait_timeout_s,
+                         max_queue_delay_ms=args.max_queue_delay_ms,
+                         default_deadline_ms=args.default_deadline_ms,
+                         warmup=not args.no_warmup,
+                         prefetch_batches=max(args.prefetch_lookahead, 1),
+                         workers=args.workers)
+    session = open_session(args, cfg)
+    try:
+        return ServingRuntime(session, scfg, owns_session=True)
+    except BaseException:
+        session.close()
+        raise
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``tiermem serve``: bind, load, warm up, serve until SIGINT/SIGTERM, drain."""
+    from runtime.server.runner import bind, run
+
+    sock = bind(args.host, args.port)
+    try:
+        runtime = build_runtime(args)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        run(runtime, sock=sock, tier=args.tier, max_body_bytes=args.max_body_bytes,
+            max_json_bytes=args.max_json_bytes, body_timeout_s=args.body_timeout_s,
+            auth_token=args.auth_token or os.environ.get("TIERMEM_AUTH_TOKEN") or None,
+            limit_concurrency=args.limit_concurrency,
+            timeout_keep_alive=args.timeout_keep_alive, header_timeout_s=args.header_timeout_s,
+            log_level=args.log_level, ssl_certfile=args.ssl_certfile,
+            ssl_keyfile=args.ssl_keyfile)
+    finally:
+        runtime.close(drain=True)
+    print("tiermem serve: stopped", flush=True)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -152,8 +228,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError(f"tiermem serve needs the [service] extra (pip install -e "
                           f"'.[service]'): {e}") from None
-    from runtime.server import serve
-
     return serve(args)
 
 

@@ -29,7 +29,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runtime.batcher import BatcherConfig, DynamicBatcher, Overloaded
-from runtime.server import npz_body
 from runtime.service import ServingConfig, ServingRuntime
 from runtime.session import InferenceSession, RuntimeConfig
 from runtime.wire import BINARY_TYPE, MAGIC, encode_request
@@ -41,6 +40,7 @@ from tests.test_service import (  # noqa: F401 - model_fixture is the fixture `m
     json_kjt,
     make_request,
     model_fixture,
+    npz_body,
     serve,
     wait_until,
 )

@@ -36,7 +36,7 @@ from runtime.batcher import (
 from runtime.checkpoint import save_dlrm_checkpoint
 from runtime.convert import store_from_checkpoint
 from runtime.model import DLRMConfig, random_dense
-from runtime.server import create_app, npz_body, server_config
+from runtime.server import create_app, server_config
 from runtime.service import ServingConfig, ServingRuntime
 from runtime.session import InferenceSession, RuntimeConfig
 from runtime.wire import BINARY_TYPE, PREDICTIONS_TYPE, decode_predictions, encode_request
@@ -510,6 +510,17 @@ def json_kjt(d, s):
             "offsets": s.offsets.tolist()}
 
 
+def npz_body(d, s):
+    """The ``application/x-npz`` body of a request (KJT layout, as a client would send it)."""
+    buf = io.BytesIO()
+    arrays = {"dense": np.asarray(d, np.float32), "keys": np.array(s.keys), "values": s.values,
+              "offsets": s.offsets}
+    if s.weights is not None:
+        arrays["weights"] = s.weights
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def server(session):
     rt = ServingRuntime(session, ServingConfig(max_batch_size=256, max_delay_ms=2))
@@ -739,7 +750,7 @@ def test_http_readiness_overload_deadline(session):
 
 def test_serve_command_subprocess(model, python, subprocess_env):
     ckpt, store = model
-    cmd = [python, "-m", "runtime.server", "--model", str(ckpt), "--store", str(store),
+    cmd = [python, "-m", "runtime.cli", "serve", "--model", str(ckpt), "--store", str(store),
            "--port", "0", "--threads", "1", "--max-delay-ms", "1"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=subprocess_env)
@@ -766,17 +777,15 @@ def test_serve_command_subprocess(model, python, subprocess_env):
 
 
 def test_serve_parser_and_commands():
-    import argparse
+    from runtime.cli.app import build_parser
+    from runtime.cli.serve import cmd_serve
 
-    from runtime.server import SERVE_COMMANDS, add_serve_commands
-
-    ap = argparse.ArgumentParser()
-    add_serve_commands(ap.add_subparsers(dest="command"))
+    ap = build_parser()
     a = ap.parse_args(["serve", "--model", "m.pt", "--store", "s.zarr", "--cache-size", "10%",
                        "--max-body-bytes", "1MiB", "--tier", "ssd"])
     assert a.host == "127.0.0.1" and a.port == 8000
     assert a.cache_size == {"capacity_fraction": 0.1} and a.max_body_bytes == 1 << 20
-    assert set(SERVE_COMMANDS) == {"serve"}
+    assert a.handler is cmd_serve
     a = ap.parse_args(["serve", "--model", "m", "--store", "s", "--auth-token", "t",
                        "--body-timeout-s", "2", "--limit-concurrency", "9",
                        "--max-request-samples", "10", "--max-json-bytes", "1KiB"])

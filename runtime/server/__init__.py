@@ -24,7 +24,7 @@ Endpoints
 
 Modules: ``codecs`` (bodies), ``metrics`` (the Prometheus collector), ``app``
 (:func:`create_app`), ``runner`` (:func:`run`: bind, serve until SIGINT/SIGTERM).
-``tiermem serve`` (:mod:`runtime.serve_cli`) builds the runtime from its options
+``tiermem serve`` (:mod:`runtime.cli.serve`) builds the runtime from its options
 and calls :func:`run`. The names below load on first use: ``import runtime.server``
 costs neither numpy nor the web stack.
 """

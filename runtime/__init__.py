@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     )
     from runtime.convert import store_from_checkpoint
     from runtime.model import DenseDLRM, DLRMConfig, random_dense
+    from runtime.replay_model import CheckpointModel
     from runtime.session import InferenceSession, RuntimeConfig
 
 # public name -> the module that defines it
@@ -32,6 +33,7 @@ _LAZY = {
     "DenseDLRM": "runtime.model",
     "DLRMConfig": "runtime.model",
     "random_dense": "runtime.model",
+    "CheckpointModel": "runtime.replay_model",
     "InferenceSession": "runtime.session",
     "RuntimeConfig": "runtime.session",
 }

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from runtime import (
+    CheckpointModel,
     DLRMConfig,
     InferenceSession,
     RuntimeConfig,
@@ -168,8 +169,8 @@ def _reference_predictions(env, batches, dense_of):
 def test_predictions_equal_session_predict(env, tmp_path):
     out = tmp_path / "p.npy"
     rep = replay(env["store"], env["trace"], tier="ssd", policy="s3fifo", cache_size="3%",
-                 prefetch_lookahead=2, model=env["model"], predictions_out=out, io_threads=4,
-                 progress=False)
+                 prefetch_lookahead=2, model=CheckpointModel(env["model"]),
+                 predictions_out=out, io_threads=4, progress=False)
     assert rep["dense"] == "zeros" and rep["predictions"]["count"] == 64 * (N_BATCHES - 1)
     _check_report(rep, cache=True, warm=1)
     got = np.load(out)
@@ -180,8 +181,9 @@ def test_predictions_equal_session_predict(env, tmp_path):
 
 def test_predictions_with_trace_dense_features(env, tmp_path):
     out = tmp_path / "p.npy"
-    rep = replay(env["store"], env["dense_trace"], tier="cxl", model=env["model"],
-                 predictions_out=out, profile_batches=0, progress=False)
+    rep = replay(env["store"], env["dense_trace"], tier="cxl",
+                 model=CheckpointModel(env["model"]), predictions_out=out, profile_batches=0,
+                 progress=False)
     assert rep["dense"] == "trace" and rep["batches"] == N_BATCHES
     batches = list(open_trace(env["dense_trace"]))
     ref = _reference_predictions(env, batches, lambda b: b.dense)
@@ -214,11 +216,15 @@ def test_table_map_and_unknown_tables(env, tmp_path):
     ({"prefetch_lookahead": 2}, ConfigError, "prefetch needs a cache"),
     ({"predictions_out": "p.npy"}, ConfigError, "need a model"),
     ({"model": "/nonexistent/m.pt"}, ConfigError, "does not exist"),
+    ({"model": "m.pt", "as_path": True}, ConfigError, "runtime.CheckpointModel(path)"),
     ({"tier": "tape"}, Exception, "tape"),
     ({"profile_batches": N_BATCHES}, ConfigError, "nothing to measure"),
 ])
 def test_bad_inputs(env, kwargs, exc, msg):
+    kwargs = dict(kwargs)
     with pytest.raises(exc, match=re.escape(msg)):
+        if "model" in kwargs and not kwargs.pop("as_path", False):
+            kwargs["model"] = CheckpointModel(kwargs["model"])  # the caller checks it exists
         replay(env["store"], env["trace"], progress=False, **kwargs)
 
 

@@ -8,10 +8,13 @@ a trace through it and reports what that cost::
     trace batches ──► [rename keys to store tables] ──► warm-up (first N batches)
                                                    └──► measured batches ──► report
 
+The tier, cache and prefetcher are one :class:`~tiermem.stack.TierStack`.
 Without a model, each batch is pooled (``tier.pool``: the embedding stage
-alone). With a model checkpoint the batches go through
-:meth:`InferenceSession.predict_stream` with the pipeline on (embedding of
-batch i+1 overlaps the MLPs of batch i) and the predictions can be saved.
+alone). With a model (a :class:`ReplayModel` the caller builds, e.g.
+``runtime.CheckpointModel(path)``: this module knows no runtime) the model
+is opened over the same tier, cache and prefetcher and the batches go
+through its ``predict_stream`` with the pipeline on (embedding of batch i+1
+overlaps the MLPs of batch i); the predictions can be saved.
 A trace without dense features is fed zeros for the dense input (the report
 says ``"dense": "zeros"``), which exercises the same code path.
 
@@ -56,7 +59,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -65,6 +68,7 @@ from tiermem.config import TierConfig, TierKind
 from tiermem.errors import ConfigError, InvalidBatchError
 from tiermem.features import SparseFeatures
 from tiermem.kernels import kernel_census
+from tiermem.stack import open_stack
 from tiermem.stats import TableStats
 from traces.tuning import (
     DEFAULT_PINNED_FRACTION,
@@ -73,11 +77,35 @@ from traces.tuning import (
     table_mismatch,
 )
 
-__all__ = ["check_trace_rows", "replay", "write_json_atomic"]
+if TYPE_CHECKING:
+    from tiermem.cache.cache import CacheConfig
+    from tiermem.cache.prefetch import PrefetchConfig
+    from tiermem.format import StoreInfo
+
+__all__ = ["ReplayModel", "check_trace_rows", "replay", "write_json_atomic"]
 
 UNKNOWN_LENGTH_PROFILE_BATCHES = 1
 """Warm-up batches of a trace whose length is unknown up front (a re-batched Meta trace,
 Criteo TSV): 10 % of an unknown count cannot be taken, so one batch warms up."""
+
+
+class ReplayModel(Protocol):
+    """A model :func:`replay` runs predictions with, opened over the replay's tier, cache and
+    prefetcher (``runtime.CheckpointModel``: a DLRM checkpoint as an ``InferenceSession``).
+
+    ``open`` returns a session that owns what it opened (``close()``) and has
+    ``table_names`` (the model's tables, as store names), ``tier`` and
+    ``prefetcher`` (what batches go through: their counters are the report),
+    ``dense.config.num_dense``, ``warmup()`` (compile every kernel, returns
+    its report) and ``predict_stream(batches, pipeline=True)`` (``(dense,
+    sparse)`` pairs in, predictions out, in order).
+    """
+
+    name: str
+    """What the report's ``model`` says (the checkpoint's path)."""
+
+    def open(self, store: StoreInfo, *, tier: TierConfig, cache: CacheConfig | None,
+             prefetch: PrefetchConfig | None) -> Any: ...
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
@@ -271,7 +299,7 @@ def replay(store: Any, trace: Any, *, tier: str = "ssd", policy: str | None = No
            cache_size: str | int | None = None, admission: str | None = None,
            pinned_fraction: float = DEFAULT_PINNED_FRACTION, dynamic: str = "lru",
            prefetch_lookahead: int = 0, io_threads: int = 64, direct_io: bool = False,
-           model: str | os.PathLike[str] | None = None, profile_batches: int | None = None,
+           model: ReplayModel | None = None, profile_batches: int | None = None,
            max_batches: int | None = None, table_map: Mapping[str, str] | None = None,
            progress: bool = True, predictions_out: str | os.PathLike[str] | None = None,
            report_out: str | os.PathLike[str] | None = None,
@@ -308,8 +336,9 @@ def replay(store: Any, trace: Any, *, tier: str = "ssd", policy: str | None = No
         racing, they vary with thread timing. With a model the pipeline's
         threads race anyway (the report's ``prefetch.mode`` says which).
     io_threads, direct_io : SSD tier knobs.
-    model : path, optional
-        A DLRM checkpoint: run full predictions (pipelined) instead of pooling only.
+    model : ReplayModel, optional
+        Run full predictions (pipelined) instead of pooling only, e.g.
+        ``runtime.CheckpointModel("model.pt")`` (a DLRM checkpoint).
     profile_batches : int, optional
         Profile/warm-up batches, not measured (default 10 % of the trace;
         of a trace of unknown length, :data:`UNKNOWN_LENGTH_PROFILE_BATCHES`).
@@ -353,8 +382,9 @@ def replay(store: Any, trace: Any, *, tier: str = "ssd", policy: str | None = No
         raise ConfigError("admission needs a cache (policy and cache size)")
     if prefetch_lookahead and cache is None:
         raise ConfigError("prefetch needs a cache (policy and cache size)")
-    if model is not None and not Path(model).exists():
-        raise ConfigError(f"model checkpoint {model} does not exist")
+    if model is not None and not callable(getattr(model, "open", None)):
+        raise ConfigError(f"model must be a model to open (runtime.CheckpointModel(path) for a "
+                          f"checkpoint), got {type(model).__name__} {model!r}")
     info = store if isinstance(store, StoreInfo) else open_store(store)
     trace_path = str(trace) if isinstance(trace, (str, os.PathLike)) else None
     trace = _open(trace)
@@ -402,12 +432,7 @@ def replay(store: Any, trace: Any, *, tier: str = "ssd", policy: str | None = No
     sess = None
     t_open = time.perf_counter()
     if model is not None:
-        from runtime.session import InferenceSession, RuntimeConfig
-
-        sess = InferenceSession.open(model, info.path, RuntimeConfig(
-            tier=tcfg, cache=cache, prefetch=prefetch_cfg))
-        the_tier = sess.tier
-        prefetcher = sess.prefetcher
+        sess = owner = model.open(info, tier=tcfg, cache=cache, prefetch=prefetch_cfg)
         missing = [n for n in sess.table_names if tkeys is not None
                    and n not in rename.check(tuple(tkeys))]
         if missing:
@@ -415,22 +440,8 @@ def replay(store: Any, trace: Any, *, tier: str = "ssd", policy: str | None = No
             raise ConfigError(f"the model's table(s) {missing[:8]} are not in the trace; "
                               f"trace tables (as store names): {list(rename._new)[:16]}")
     else:
-        from tiermem.tiers import open_tier
-
-        the_tier = open_tier(info, tcfg)
-        prefetcher = None
-        if cache is not None:
-            from tiermem.cache.cache import CachedTier
-
-            try:
-                the_tier = CachedTier(the_tier, cache)
-            except BaseException:
-                the_tier.close()
-                raise
-            if prefetch_cfg is not None:
-                from tiermem.cache.prefetch import Prefetcher
-
-                prefetcher = Prefetcher(the_tier, prefetch_cfg)
+        owner = open_stack(info, tier=tcfg, cache=cache, prefetch=prefetch_cfg)
+    the_tier, prefetcher = owner.tier, owner.prefetcher
     open_seconds = time.perf_counter() - t_open
 
     try:
@@ -440,17 +451,13 @@ def replay(store: Any, trace: Any, *, tier: str = "ssd", policy: str | None = No
             pinned = the_tier.pin_hot(_profile(prof_src, n_warm, rename))
         return _run(info, trace, trace_path, source, the_tier, sess, prefetcher, rename,
                     n_warm=n_warm, max_batches=max_batches, pinned=pinned, cache=cache,
-                    kind=kind, tcfg=tcfg, model=model, prefetch_lookahead=prefetch_lookahead,
+                    kind=kind, tcfg=tcfg, model=None if model is None else model.name,
+                    prefetch_lookahead=prefetch_lookahead,
                     progress=progress, predictions_out=predictions_out, report_out=report_out,
                     n_total=n_total, open_seconds=open_seconds,
                     prefetch_sync=not prefetch_async)
     finally:
-        if sess is not None:
-            sess.close()
-        else:
-            if prefetcher is not None:
-                prefetcher.close()
-            the_tier.close()
+        owner.close()
 
 
 def _chain(head: list[Any], rest: Iterator[Any]) -> Iterator[Any]:
@@ -474,7 +481,7 @@ def _profile(batches: Iterable[Any], n: int, rename: _Renamer) -> dict[str, np.n
 
 def _run(info: Any, trace: Any, trace_path: str | None, source: Iterable[Any], tier: Any,
          sess: Any, prefetcher: Any, rename: _Renamer, *, n_warm: int, max_batches: int | None,
-         pinned: int, cache: Any, kind: TierKind, tcfg: TierConfig, model: Any,
+         pinned: int, cache: Any, kind: TierKind, tcfg: TierConfig, model: str | None,
          prefetch_lookahead: int, progress: bool, predictions_out: Any, report_out: Any,
          n_total: int | None, open_seconds: float, prefetch_sync: bool = True
          ) -> dict[str, Any]:
@@ -616,7 +623,7 @@ def _rate(n: float, s: float) -> float:
 
 def _report(info: Any, trace: Any, trace_path: str | None, tier: Any,
             per: dict[str, TableStats], cache: Any, kind: TierKind, tcfg: TierConfig,
-            model: Any, batches: int, samples: int, lookups: int, seconds: float,
+            model: str | None, batches: int, samples: int, lookups: int, seconds: float,
             lat: list[float], n_warm: int, warm_seconds: float, open_seconds: float,
             pinned: int, prefetch_lookahead: int, prefetcher: Any,
             cache_before: dict[str, Any], pf_before: dict[str, int],
@@ -635,7 +642,7 @@ def _report(info: Any, trace: Any, trace_path: str | None, tier: Any,
     rep: dict[str, Any] = {
         "store": str(info.path), "trace": trace_path,
         "tier": kind.value, "io_threads": tcfg.io_threads, "direct_io": tcfg.direct_io,
-        "model": None if model is None else str(model),
+        "model": model,
         "dense": dense_kind if model is not None else None,
         "batches": batches, "samples": samples, "lookups": lookups,
         "seconds": seconds,

@@ -90,7 +90,7 @@ def test_packages_import_lazily_and_export_everything(subprocess_env) -> None:
 
 
 def test_plan_strategy_choices_match_the_planner() -> None:
-    from runtime.distributed.plan_cli import STRATEGY_CHOICES
+    from runtime.cli.plan import STRATEGY_CHOICES
     from runtime.distributed.planner import STRATEGIES
 
     assert STRATEGY_CHOICES == STRATEGIES

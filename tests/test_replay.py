@@ -275,8 +275,8 @@ def test_table_mismatch_names_both_ways_out(env, tmp_path):
 
 def test_for_store_trace_replays_and_tunes(env, tmp_path, capsys):
     """trace-generate --for-store: the store's names and rows; replay and tune take it."""
+    from runtime.cli import main
     from tiermem.format import open_store
-    from traces.replay_cli import main
 
     out = tmp_path / "t"
     assert main(["trace-generate", str(out), "--for-store", str(env["store"]), "--batches",
@@ -297,7 +297,7 @@ def test_for_store_trace_replays_and_tunes(env, tmp_path, capsys):
 
 
 def test_tune_table_map_and_store_rows(env, tmp_path, capsys):
-    from traces.replay_cli import main
+    from runtime.cli import main
 
     keys = tuple(f"x{i}" for i in range(len(ROWS)))
     write_trace(tmp_path / "t", [TraceBatch(None, type(b.sparse)(keys, b.sparse.values,
@@ -369,7 +369,7 @@ def test_ctrl_c_writes_a_partial_report(env, tmp_path, python, subprocess_env, r
     fifo = tr / "batches" / "000008.npz"
     fifo.unlink()
     os.mkfifo(fifo)
-    p = subprocess.Popen([python, "-m", "traces.replay_cli", "replay", "--store",
+    p = subprocess.Popen([python, "-m", "runtime.cli", "replay", "--store",
                           str(env["store"]), "--trace", str(tr), "--tier", "dram",
                           "--cache-size", "5%", "--report", str(tmp_path / "r.json")],
                          cwd=repo_root, env=subprocess_env, stdout=subprocess.PIPE,
@@ -393,7 +393,7 @@ def test_meta_files_replay_without_profile_batches(env, tmp_path, capsys):
 
     import torch
 
-    from traces.replay_cli import main
+    from runtime.cli import main
 
     paths = []
     for i, b in enumerate(env["batches"]):
@@ -421,7 +421,7 @@ def test_meta_files_replay_without_profile_batches(env, tmp_path, capsys):
 # -- CLI -------------------------------------------------------------------------------
 
 def test_cli_replay(env, tmp_path, capsys):
-    from traces.replay_cli import main
+    from runtime.cli import main
 
     rc = main(["replay", "--store", str(env["store"]), "--trace", str(env["trace"]),
                "--tier", "ssd", "--policy", "hybrid", "--cache-size", "5%", "--prefetch", "1",
@@ -435,7 +435,7 @@ def test_cli_replay(env, tmp_path, capsys):
 
 
 def test_cli_replay_errors(env, tmp_path, capsys):
-    from traces.replay_cli import main
+    from runtime.cli import main
 
     base = ["replay", "--store", str(env["store"]), "--trace", str(env["trace"]), "--no-progress"]
     for extra, msg in [(["--policy", "nope", "--cache-size", "5%"], "unknown policy"),
@@ -449,7 +449,7 @@ def test_cli_replay_errors(env, tmp_path, capsys):
 
 
 def test_cli_help_subprocess(python, subprocess_env, repo_root):
-    p = subprocess.run([python, "-m", "traces.replay_cli", "replay", "--help"], cwd=repo_root,
+    p = subprocess.run([python, "-m", "runtime.cli", "replay", "--help"], cwd=repo_root,
                        env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--cache-size" in p.stdout and "--predictions" in p.stdout
 

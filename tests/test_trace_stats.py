@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.cli import main as trace_main
 from tiermem.errors import ConfigError
 from tiermem.features import SparseFeatures
-from traces.cli import main as trace_main
 from traces.formats import NativeTrace
 from traces.stats import (
     META2021_LOOKUP_FRACTIONS,

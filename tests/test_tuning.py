@@ -237,7 +237,7 @@ def native(tmp_path_factory, batches):
 
 
 def test_cli_tune(native, tmp_path, capsys):
-    from traces.replay_cli import main
+    from runtime.cli import main
 
     rc = main(["tune", "--trace", str(native), "--policies", "lru,s3fifo,static,hybrid",
                "--sizes", "1%,5%,20%", "--admission", "none,tinylfu", "--target-hit-rate",
@@ -256,7 +256,7 @@ def test_cli_tune(native, tmp_path, capsys):
     (["--sizes", "120%"], "(0%, 100%]"),
 ])
 def test_cli_tune_errors(native, capsys, argv, msg):
-    from traces.replay_cli import main
+    from runtime.cli import main
 
     rc = main(["tune", "--trace", str(native), "--no-progress", *argv])
     err = capsys.readouterr().err
@@ -264,21 +264,21 @@ def test_cli_tune_errors(native, capsys, argv, msg):
 
 
 def test_cli_tune_missing_trace(tmp_path, capsys):
-    from traces.replay_cli import main
+    from runtime.cli import main
 
     assert main(["tune", "--trace", str(tmp_path / "none"), "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_cli_tune_help_subprocess(python, subprocess_env, repo_root):
-    p = subprocess.run([python, "-m", "traces.replay_cli", "tune", "--help"], cwd=repo_root,
+    p = subprocess.run([python, "-m", "runtime.cli", "tune", "--help"], cwd=repo_root,
                        env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--target-hit-rate" in p.stdout and "--plot" in p.stdout
 
 
 def test_cli_tune_json_is_a_flag(native, tmp_path, capsys):
     """--json prints JSON to stdout (as replay and trace-stats), --out FILE writes it."""
-    from traces.replay_cli import main
+    from runtime.cli import main
 
     base = ["tune", "--trace", str(native), "--policies", "lru", "--sizes", "5%", "-q"]
     assert main([*base, "--json", "--out", str(tmp_path / "t.json")]) == 0
@@ -292,7 +292,7 @@ def test_cli_tune_json_is_a_flag(native, tmp_path, capsys):
 def test_cold_process_tune_compiles_nothing_while_timed(native, python, subprocess_env,
                                                         repo_root):
     """A fresh process has no kernel yet: the timed runs must find every one compiled."""
-    p = subprocess.run([python, "-m", "traces.replay_cli", "tune", "--trace", str(native),
+    p = subprocess.run([python, "-m", "runtime.cli", "tune", "--trace", str(native),
                         "--policies", "lru,s3fifo,hybrid", "--sizes", "5%,20%", "-q", "--json"],
                        cwd=repo_root, env=subprocess_env, capture_output=True, text=True,
                        timeout=300)
@@ -302,7 +302,7 @@ def test_cold_process_tune_compiles_nothing_while_timed(native, python, subproce
 
 
 def test_cli_tune_byte_sizes_need_row_bytes(native, capsys):
-    from traces.replay_cli import main
+    from runtime.cli import main
 
     base = ["tune", "--trace", str(native), "--policies", "lru", "--sizes", "256KiB", "-q"]
     assert main(base) == 2
@@ -323,7 +323,7 @@ def _run_with_stderr(argvs, python, env, cwd, tty):
     import struct
     import termios
 
-    code = ("import sys; from traces.replay_cli import main\n"
+    code = ("import sys; from runtime.cli import main\n"
             f"sys.exit(max(main(a) for a in {argvs!r}))")
     if not tty:
         p = subprocess.run([python, "-c", code], cwd=cwd, env=env, capture_output=True,

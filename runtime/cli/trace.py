@@ -1,18 +1,8 @@
-"""Trace subcommands of the ``tiermem`` command.
+"""``tiermem trace-stats``, ``trace-generate`` and ``trace-convert``.
 
     tiermem trace-stats TRACE [--plots DIR] [--target meta2021]   analysis, text + PNG
     tiermem trace-generate OUT --tables criteo_kaggle ...          synthetic -> native
     tiermem trace-convert INPUT... --out OUT [--from meta|criteo]  Meta .pt(.gz) / TSV -> native
-
-Wiring into an argparse CLI::
-
-    sub = parser.add_subparsers(dest="command")
-    add_trace_commands(sub)          # each parser gets defaults(handler=...)
-    ...
-    return args.handler(args)        # or TRACE_COMMANDS[args.command](args)
-
-Handlers return an exit code and raise :class:`~tiermem.errors.TierMemError`
-for bad input. ``python -m traces.cli`` runs them standalone.
 """
 
 from __future__ import annotations
@@ -21,110 +11,21 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.argtypes import positive_int as _pos_int
+from runtime.cli.argtypes import positive_int
+from runtime.cli.output import add_progress_options, note, show_progress
+from runtime.cli.trace_input import add_source_options, open_source
 from tiermem.errors import ConfigError
 
-__all__ = ["TRACE_COMMANDS", "add_progress_args", "add_trace_commands", "main", "show_progress"]
-
-
-def add_progress_args(p: argparse.ArgumentParser) -> None:
-    """``--quiet`` (and the older ``--no-progress``): no progress bar, no notes on stderr."""
-    p.add_argument("--quiet", "-q", action="store_true",
-                   help="no progress bar and no status lines on stderr (a progress bar is "
-                        "only ever drawn when stderr is a terminal)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def show_progress(args: argparse.Namespace) -> bool:
-    """A progress bar only on a terminal: a pipe or a log file gets no bar characters."""
-    if getattr(args, "quiet", False) or getattr(args, "no_progress", False):
-        return False
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):  # a closed or replaced stderr
-        return False
-
-
-def note(args: argparse.Namespace, msg: str) -> None:
-    """A status line on stderr, unless ``--quiet``."""
-    if not getattr(args, "quiet", False):
-        print(msg, file=sys.stderr)
-
-
-def _int_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-
-
-def _detect_source(paths: Sequence[str]) -> str:
-    p = Path(paths[0])
-    if p.is_dir():
-        return "native"
-    name = p.name
-    if name.endswith((".pt", ".pt.gz", ".pth", ".pth.gz")):
-        return "meta"
-    return "criteo"
-
-
-def _open_source(args: argparse.Namespace, paths: Sequence[str]) -> Any:
-    from traces.formats import CriteoTrace, MetaTrace, NativeTrace
-
-    kind = args.source or _detect_source(paths)
-    if kind == "native":
-        if len(paths) != 1:
-            raise ConfigError("a native trace is one directory")
-        tables = args.tables.split(",") if args.tables else None
-        return NativeTrace(paths[0], batch_size=args.batch_size, tables=tables,
-                           on_error=args.on_error)
-    if kind == "meta":
-        tables = _int_list(args.tables) if args.tables else None
-        rows = _int_list(args.rows) if args.rows else None
-        return MetaTrace(paths, tables=tables, batch_size=args.batch_size, rows=rows,
-                         on_error=args.on_error)
-    if kind == "criteo":
-        tables = _int_list(args.tables) if args.tables else None
-        labelled = None if args.labelled == "auto" else args.labelled == "yes"
-        return CriteoTrace(paths, rows=args.rows or "criteo_kaggle",
-                           batch_size=args.batch_size or 2048, labelled=labelled,
-                           missing_id=args.missing_id, tables=tables, on_error=args.on_error,
-                           max_samples=args.max_samples)
-    raise ConfigError(f"unknown source format {kind!r}")
-
-
-def _add_source_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("input")
-    g.add_argument("--from", dest="source", choices=["native", "meta", "criteo"], default=None,
-                   help="input format (default: a directory is native, *.pt[.gz] is Meta "
-                        "dlrm_datasets, anything else Criteo TSV)")
-    g.add_argument("--batch-size", type=_pos_int, default=None,
-                   help="re-cut into batches of this many samples (Criteo default 2048; "
-                        "native/Meta default: as stored)")
-    g.add_argument("--tables", default=None,
-                   help="tables to keep: Meta/Criteo 0-based indices '0,3,7'; native names")
-    g.add_argument("--rows", default=None,
-                   help="table rows: Meta 'r0,r1,...' for the kept tables (default max id + 1); "
-                        "Criteo a preset (criteo_kaggle [default], criteo_terabyte, dlrmv2, "
-                        "criteo_terabyte_40m, criteo_terabyte_10m) or 26 counts")
-    g.add_argument("--labelled", choices=["auto", "yes", "no"], default="auto",
-                   help="Criteo: lines start with a label (train) or not (Kaggle test)")
-    g.add_argument("--missing-id", type=int, default=0,
-                   help="Criteo: row for a missing categorical value (default 0)")
-    g.add_argument("--max-samples", type=_pos_int, default=None,
-                   help="Criteo: stop after this many samples")
-    g.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                   help="malformed records: stop with an error (default) or skip and count")
+__all__ = ["cmd_trace_convert", "cmd_trace_generate", "cmd_trace_stats", "register"]
 
 
 def cmd_trace_stats(args: argparse.Namespace) -> int:
     from traces.stats import analyze, format_stats, meta_target, plot_stats
 
-    src = _open_source(args, args.trace)
+    src = open_source(args, args.trace)
     target = meta_target(args.target) if args.target else None
     st = analyze(src, max_batches=args.max_batches, progress=show_progress(args))
     if args.json:
@@ -191,7 +92,7 @@ def cmd_trace_generate(args: argparse.Namespace) -> int:
 def cmd_trace_convert(args: argparse.Namespace) -> int:
     from traces.formats import convert_trace
 
-    src = _open_source(args, args.inputs)
+    src = open_source(args, args.inputs)
     out = convert_trace(src, args.out, overwrite=args.overwrite, compress=args.compress,
                         attrs={"inputs": [str(p) for p in args.inputs]},
                         progress=show_progress(args))
@@ -202,32 +103,38 @@ def cmd_trace_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-TRACE_COMMANDS = {"trace-stats": cmd_trace_stats, "trace-generate": cmd_trace_generate,
-                  "trace-convert": cmd_trace_convert}
-
-
-def add_trace_commands(subparsers: Any) -> None:
-    """Register ``trace-stats``, ``trace-generate`` and ``trace-convert``."""
-    s = subparsers.add_parser(
+def register(subparsers: Any) -> None:
+    subparsers.add_parser(
         "trace-stats", help="unique ids, reuse histogram, coverage, pooling of a trace",
         description="Analyze a trace (native directory, Meta .pt[.gz] files or Criteo TSV): "
                     "unique ids per batch, reuse histogram in Meta's locality_stats bins, "
-                    "coverage curve, pooling-factor distribution; text and PNG plots.")
+                    "coverage curve, pooling-factor distribution; text and PNG plots.",
+        options=_stats_options, handler=cmd_trace_stats)
+    subparsers.add_parser(
+        "trace-generate", help="write a synthetic production-style trace (native format)",
+        description="Generate a seeded trace: per-table Zipf popularity, pooling-factor "
+                    "distributions, temporal locality and drift; optionally calibrated to a "
+                    "target reuse histogram.",
+        options=_generate_options, handler=cmd_trace_generate)
+    subparsers.add_parser(
+        "trace-convert", help="convert Meta dlrm_datasets .pt(.gz) or Criteo TSV to native",
+        description="Stream input files into a native trace directory (atomic write).",
+        options=_convert_options, handler=cmd_trace_convert)
+
+
+def _stats_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("trace", nargs="+", help="native trace directory, or input files")
-    _add_source_args(s)
-    s.add_argument("--max-batches", type=_pos_int, default=None, help="analyze the first N batches")
+    add_source_options(s)
+    s.add_argument("--max-batches", type=positive_int, default=None,
+                   help="analyze the first N batches")
     s.add_argument("--plots", default=None, metavar="DIR", help="write PNG plots into DIR")
     s.add_argument("--target", default=None, metavar="meta2021|meta2022|PATH",
                    help="compare the reuse histogram with Meta's (or a locality_stats file)")
     s.add_argument("--json", action="store_true", help="print JSON instead of text")
-    add_progress_args(s)
-    s.set_defaults(handler=cmd_trace_stats)
+    add_progress_options(s)
 
-    g = subparsers.add_parser(
-        "trace-generate", help="write a synthetic production-style trace (native format)",
-        description="Generate a seeded trace: per-table Zipf popularity, pooling-factor "
-                    "distributions, temporal locality and drift; optionally calibrated to a "
-                    "target reuse histogram.")
+
+def _generate_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("out", help="output trace directory")
     g.add_argument("--tables", default=None,
                    help="preset (criteo_kaggle, criteo_terabyte, dlrmv2, criteo_terabyte_40m, "
@@ -235,8 +142,8 @@ def add_trace_commands(subparsers: Any) -> None:
     g.add_argument("--for-store", default=None, metavar="STORE",
                    help="the store's table names and rows instead of --tables, so that the "
                         "trace replays on that store (ids stay below each table's rows)")
-    g.add_argument("--batch-size", type=_pos_int, default=2048)
-    g.add_argument("--batches", type=_pos_int, default=10)
+    g.add_argument("--batch-size", type=positive_int, default=2048)
+    g.add_argument("--batches", type=positive_int, default=10)
     g.add_argument("--alpha", type=float, default=1.05, help="Zipf exponent (default 1.05)")
     g.add_argument("--alpha-spread", type=float, default=0.0,
                    help="per-table spread of the exponent (log-normal, default 0)")
@@ -247,7 +154,7 @@ def add_trace_commands(subparsers: Any) -> None:
                         "dlrmv2 (multi-hot sizes; default 1)")
     g.add_argument("--locality", type=float, default=0.0,
                    help="probability a lookup repeats a recent id (default 0)")
-    g.add_argument("--locality-window", type=_pos_int, default=4,
+    g.add_argument("--locality-window", type=positive_int, default=4,
                    help="batches of history for --locality (default 4)")
     g.add_argument("--drift", type=float, default=0.0,
                    help="popularity shift per batch, fraction of rows (default 0)")
@@ -255,31 +162,17 @@ def add_trace_commands(subparsers: Any) -> None:
     g.add_argument("--calibrate-to", default=None, metavar="meta2021|meta2022|PATH",
                    help="fit alpha, alpha-spread and active-fraction to this reuse histogram "
                         "first; prints the distance")
-    g.add_argument("--calibrate-batches", type=_pos_int, default=1,
+    g.add_argument("--calibrate-batches", type=positive_int, default=1,
                    help="batches per calibration evaluation (default 1)")
     g.add_argument("--overwrite", action="store_true")
     g.add_argument("--compress", action="store_true", help="deflate the batch files")
-    add_progress_args(g)
-    g.set_defaults(handler=cmd_trace_generate)
+    add_progress_options(g)
 
-    c = subparsers.add_parser(
-        "trace-convert", help="convert Meta dlrm_datasets .pt(.gz) or Criteo TSV to native",
-        description="Stream input files into a native trace directory (atomic write).")
+
+def _convert_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("inputs", nargs="+", help="input files, in order")
     c.add_argument("--out", required=True, help="output trace directory")
-    _add_source_args(c)
+    add_source_options(c)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--compress", action="store_true", help="deflate the batch files")
-    add_progress_args(c)
-    c.set_defaults(handler=cmd_trace_convert)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m traces.cli COMMAND ...``: the ``tiermem`` command itself."""
-    from runtime.cli import main as tiermem_main
-
-    return tiermem_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    add_progress_options(c)

@@ -9,13 +9,7 @@
                  --sizes 1%,2%,5%,10%,20% [--admission none,tinylfu]
                  [--target-hit-rate 0.8] [--json] [--out OUT.json] [--plot MRC.png]
 
-Wiring (as :mod:`traces.cli`)::
-
-    add_replay_commands(sub)                  # each parser gets defaults(handler=...)
-    return REPLAY_COMMANDS[args.command](args)
-
-Handlers return an exit code and raise :class:`~tiermem.errors.TierMemError`
-for bad input. ``python -m traces.replay_cli`` runs them standalone.
+``replay``'s tier options are ``TierConfig``'s fields (``--tier ssd`` by default).
 """
 
 from __future__ import annotations
@@ -23,86 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.argtypes import nonneg_int as _nonneg_int
+from runtime.cli.argtypes import fraction, nonneg_int, positive_int
+from runtime.cli.output import add_progress_options, note, show_progress
+from runtime.cli.session import add_tier_options, tier_config
+from runtime.cli.trace_input import RenamedTrace, add_source_options, open_trace, table_map
 from tiermem.errors import ConfigError
-from traces.cli import (
-    _add_source_args,
-    _open_source,
-    _pos_int,
-    add_progress_args,
-    note,
-    show_progress,
-)
 
-__all__ = ["REPLAY_COMMANDS", "add_replay_commands", "main"]
-
-
-def _fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a value in [0, 1], got {v}")
-    return v
-
-
-def _table_map(s: str | None) -> dict[str, str] | None:
-    if not s:
-        return None
-    out = {}
-    for item in s.split(","):
-        if not item.strip():
-            continue
-        if "=" not in item:
-            raise ConfigError(f"bad --table-map entry {item!r}: expected trace_name=store_name")
-        a, b = item.split("=", 1)
-        out[a.strip()] = b.strip()
-    return out
-
-
-class _RenamedTrace:
-    """A trace whose table names go through ``--table-map`` (``tune`` on a store's names)."""
-
-    def __init__(self, trace: Any, table_map: dict[str, str]) -> None:
-        self.trace = trace
-        keys = tuple(trace.keys)
-        bad = [k for k in table_map if k not in keys]
-        if bad:
-            raise ConfigError(f"--table-map names trace table(s) {bad[:8]} that the trace "
-                              f"lacks; trace tables: {list(keys)[:16]}")
-        self.map = table_map
-        self.keys = tuple(table_map.get(k, k) for k in keys)
-        if len(set(self.keys)) != len(self.keys):
-            raise ConfigError(f"--table-map sends two trace tables to one table: {self.keys}")
-
-    @property
-    def rows(self) -> Any:
-        return self.trace.rows
-
-    def __len__(self) -> int:
-        return len(self.trace)
-
-    def __iter__(self) -> Any:
-        from tiermem.features import SparseFeatures
-        from traces.formats import TraceBatch
-
-        for b in self.trace:
-            d, sf, lab = b if isinstance(b, TraceBatch) else (None, b, None)
-            yield TraceBatch(d, SparseFeatures(self.keys, sf.values, sf.offsets, sf.weights)
-                             if sf.keys != self.keys else sf, lab)
-
-
-def _trace(args: argparse.Namespace) -> Any:
-    paths = [args.trace] if isinstance(args.trace, str) else list(args.trace)
-    for p in paths:
-        if not Path(p).exists():
-            raise ConfigError(f"trace {p} does not exist")
-    return _open_source(args, paths)
+__all__ = ["cmd_replay", "cmd_tune", "format_report", "register"]
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -110,20 +34,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     if not Path(args.store).exists():
         raise ConfigError(f"store {args.store} does not exist")
-    src = _trace(args)
-    tier_options = {}
-    if args.tier == "cxl":
-        tier_options = {"cxl_latency_ns": args.cxl_latency_ns,
-                        "cxl_bandwidth_gbps": args.cxl_bandwidth_gbps}
-    rep = replay(args.store, src, tier=args.tier, policy=args.policy, cache_size=args.cache_size,
+    model = None
+    if args.model is not None:
+        from runtime.replay_model import CheckpointModel
+
+        model = CheckpointModel(args.model)
+    src = open_trace(args)
+    tcfg = tier_config(args).to_dict()
+    kind, io_threads, direct_io = tcfg.pop("kind"), tcfg.pop("io_threads"), tcfg.pop("direct_io")
+    rep = replay(args.store, src, tier=kind, policy=args.policy, cache_size=args.cache_size,
                  admission=None if args.admission in (None, "none") else args.admission,
                  pinned_fraction=args.pinned_fraction, dynamic=args.dynamic,
-                 prefetch_lookahead=args.prefetch, io_threads=args.io_threads,
-                 direct_io=args.direct_io, model=args.model,
+                 prefetch_lookahead=args.prefetch, io_threads=io_threads,
+                 direct_io=direct_io, model=model,
                  profile_batches=args.profile_batches, max_batches=args.max_batches,
-                 table_map=_table_map(args.table_map), progress=show_progress(args),
+                 table_map=table_map(args.table_map), progress=show_progress(args),
                  predictions_out=args.predictions, report_out=args.report,
-                 tier_options=tier_options, prefetch_async=args.prefetch_async)
+                 tier_options=tcfg, prefetch_async=args.prefetch_async)
     if args.json:
         print(json.dumps(rep, indent=1))
     else:
@@ -175,10 +102,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from traces.replay import write_json_atomic
     from traces.tuning import format_results, plot_mrc, recommend, simulate
 
-    src = _trace(args)
-    tmap = _table_map(args.table_map)
+    src = open_trace(args)
+    tmap = table_map(args.table_map)
     if tmap:
-        src = _RenamedTrace(src, tmap)
+        src = RenamedTrace(src, tmap)
     if args.store:
         if not Path(args.store).exists():
             raise ConfigError(f"store {args.store} does not exist")
@@ -224,8 +151,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-REPLAY_COMMANDS = {"replay": cmd_replay, "tune": cmd_tune}
-
 _POLICIES = "lru, lfu, fifo, clock, s3fifo, static, hybrid"
 _PROFILE_HELP = ("batches at the start of the trace used as the static/hybrid popularity profile "
                  "and as a warm-up for every policy; not measured (default: 10%% of the trace; "
@@ -233,45 +158,47 @@ _PROFILE_HELP = ("batches at the start of the trace used as the static/hybrid po
                  "--batch-size, Criteo TSV)")
 
 
-def add_replay_commands(subparsers: Any) -> None:
-    """Register ``replay`` and ``tune``."""
-    r = subparsers.add_parser(
+def register(subparsers: Any) -> None:
+    subparsers.add_parser(
         "replay", help="replay a trace through a tier (+ cache, prefetcher, model) and report",
         description="Run every batch of a trace through the runtime: the store's tier (DRAM, "
                     "SSD via pread, CXL-emulated), an optional DRAM row cache and prefetcher, "
                     "and optionally a DLRM model (pipelined predictions). Reports throughput, "
                     "batch latency percentiles, hit rates per table, rows/bytes read per tier, "
-                    "device read rate and prefetch counters.")
+                    "device read rate and prefetch counters.",
+        options=_replay_options, handler=cmd_replay)
+    subparsers.add_parser(
+        "tune", help="simulate cache policies x sizes on a trace; recommend a size; MRC plot",
+        description="Simulate each policy at each cache size on the exact batch semantics of "
+                    "the runtime's cache (no rows read), with Belady's OPT as the lower bound "
+                    "of misses; recommend the smallest size meeting a target hit rate; plot the "
+                    "miss-ratio curve.",
+        options=_tune_options, handler=cmd_tune)
+
+
+def _replay_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--store", required=True, help="store with the embedding tables")
     r.add_argument("--trace", required=True, nargs="+",
                    help="native trace directory, or Meta .pt[.gz] / Criteo TSV files")
-    _add_source_args(r)
-    g = r.add_argument_group("tier and cache")
-    g.add_argument("--tier", choices=["ssd", "cxl", "dram"], default="ssd",
-                   help="tier holding the tables (default ssd)")
+    add_source_options(r)
+    add_tier_options(r, threads_option=False, defaults={"kind": "ssd"})
+    g = r.add_argument_group("cache")
     g.add_argument("--policy", default=None, help=f"cache policy: {_POLICIES} (default: no "
                    "cache; lru when only --cache-size is given)")
     g.add_argument("--cache-size", default=None,
                    help="rows (100000), share of the tables ('5%%') or bytes ('256MiB')")
     g.add_argument("--admission", choices=["none", "tinylfu"], default=None,
                    help="admission filter (default none)")
-    g.add_argument("--pinned-fraction", type=_fraction, default=0.5,
+    g.add_argument("--pinned-fraction", type=fraction, default=0.5,
                    help="hybrid: share of the cache pinned from the profile (default 0.5)")
     g.add_argument("--dynamic", default="lru", help="hybrid: the dynamic policy (default lru)")
-    g.add_argument("--prefetch", type=_nonneg_int, default=0, metavar="N",
+    g.add_argument("--prefetch", type=nonneg_int, default=0, metavar="N",
                    help="prefetch lookahead in batches (0 = off; needs a cache). Each batch "
                         "waits for the prefetches submitted before it, so hit rates repeat "
                         "exactly from run to run")
     g.add_argument("--prefetch-async", action="store_true",
                    help="let the prefetch thread race the batches as a server would: closer "
                         "to serving latency, but hit rates then vary from run to run")
-    g.add_argument("--io-threads", type=_pos_int, default=64,
-                   help="SSD tier: parallel pread threads (default 64)")
-    g.add_argument("--direct-io", action="store_true", help="SSD tier: O_DIRECT reads")
-    g.add_argument("--cxl-latency-ns", type=float, default=250.0,
-                   help="CXL tier: modeled latency per row access (ns)")
-    g.add_argument("--cxl-bandwidth-gbps", type=float, default=32.0,
-                   help="CXL tier: modeled bandwidth (GB/s)")
     g.add_argument("--table-map", default=None, metavar="TRACE=STORE,...",
                    help="rename trace tables to store tables (default: same names; "
                         "`trace-generate --for-store` makes a trace with the store's names)")
@@ -283,25 +210,20 @@ def add_replay_commands(subparsers: Any) -> None:
                    help="save the measured batches' predictions (needs --model)")
     o.add_argument("--report", default=None, metavar="OUT.json", help="write the report as JSON")
     o.add_argument("--json", action="store_true", help="print the report as JSON")
-    o.add_argument("--max-batches", type=_pos_int, default=None,
+    o.add_argument("--max-batches", type=positive_int, default=None,
                    help="use the first N batches of the trace (profile included)")
-    o.add_argument("--profile-batches", type=_nonneg_int, default=None, help=_PROFILE_HELP)
-    add_progress_args(o)
-    r.set_defaults(handler=cmd_replay)
+    o.add_argument("--profile-batches", type=nonneg_int, default=None, help=_PROFILE_HELP)
+    add_progress_options(o)
 
-    t = subparsers.add_parser(
-        "tune", help="simulate cache policies x sizes on a trace; recommend a size; MRC plot",
-        description="Simulate each policy at each cache size on the exact batch semantics of "
-                    "the runtime's cache (no rows read), with Belady's OPT as the lower bound "
-                    "of misses; recommend the smallest size meeting a target hit rate; plot the "
-                    "miss-ratio curve.")
+
+def _tune_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--trace", required=True, nargs="+",
                    help="native trace directory, or Meta .pt[.gz] / Criteo TSV files")
-    _add_source_args(t)
+    add_source_options(t)
     t.add_argument("--store", default=None,
                    help="size the cache pools like this store's (dtype, dim groups, row bytes); "
                         "default: one pool over the trace's tables")
-    t.add_argument("--row-bytes", type=_pos_int, default=None, metavar="N",
+    t.add_argument("--row-bytes", type=positive_int, default=None, metavar="N",
                    help="without --store: bytes per cached row, for sizes in bytes ('256MiB')")
     t.add_argument("--table-map", default=None, metavar="TRACE=STORE,...",
                    help="rename trace tables to the store's (as replay --table-map)")
@@ -313,13 +235,13 @@ def add_replay_commands(subparsers: Any) -> None:
                         "--store or --row-bytes) (default 1%%,2%%,5%%,10%%,20%%)")
     t.add_argument("--admission", default=None, metavar="none,tinylfu",
                    help="admission variants to simulate, comma-separated (default none)")
-    t.add_argument("--pinned-fraction", type=_fraction, default=0.5,
+    t.add_argument("--pinned-fraction", type=fraction, default=0.5,
                    help="hybrid: share of the cache pinned from the profile (default 0.5)")
     t.add_argument("--dynamic", default="lru", help="hybrid: the dynamic policy (default lru)")
-    t.add_argument("--profile-batches", type=_nonneg_int, default=None, help=_PROFILE_HELP)
-    t.add_argument("--max-batches", type=_pos_int, default=None,
+    t.add_argument("--profile-batches", type=nonneg_int, default=None, help=_PROFILE_HELP)
+    t.add_argument("--max-batches", type=positive_int, default=None,
                    help="use the first N batches of the trace (profile included)")
-    t.add_argument("--target-hit-rate", type=_fraction, default=None,
+    t.add_argument("--target-hit-rate", type=fraction, default=None,
                    help="recommend the smallest size at which a policy reaches this hit rate")
     t.add_argument("--no-opt", action="store_true", help="skip Belady's OPT")
     t.add_argument("--json", action="store_true",
@@ -328,16 +250,4 @@ def add_replay_commands(subparsers: Any) -> None:
                    help="also write the results as JSON to this file")
     t.add_argument("--plot", default=None, metavar="OUT.png",
                    help="write the miss-ratio curve (with the target, if given)")
-    add_progress_args(t)
-    t.set_defaults(handler=cmd_tune)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m traces.replay_cli COMMAND ...``: the ``tiermem`` command itself."""
-    from runtime.cli import main as tiermem_main
-
-    return tiermem_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    add_progress_options(t)

@@ -17,11 +17,6 @@ shard, balance and bytes per shard side by side (the simulated cluster); the
 plan written is still ``--strategy``'s. The plan file format is documented
 in :mod:`runtime.distributed.plan`, the strategies and the cost model in
 :mod:`runtime.distributed.planner`.
-
-Wiring (as :mod:`traces.cli`)::
-
-    add_plan_commands(sub)
-    return PLAN_COMMANDS[args.command](args)
 """
 
 from __future__ import annotations
@@ -30,15 +25,15 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runtime.argtypes import positive_int as _pos_int
+from runtime.cli.argtypes import positive_int
+from runtime.cli.trace_input import add_source_options, open_trace, table_map
 from tiermem.errors import CapacityError, ConfigError
 
-__all__ = ["PLAN_COMMANDS", "add_plan_commands", "add_shard_args", "open_session",
-           "parse_capacity"]
+__all__ = ["STRATEGY_CHOICES", "cmd_plan", "format_compare", "format_plan", "parse_capacity",
+           "register"]
 
 
 def parse_capacity(spec: str | None, store_bytes: int) -> int | None:
@@ -77,12 +72,10 @@ def _profile(args: argparse.Namespace, specs: list[Any]) -> Any:
     if args.pooling is not None:
         raise ConfigError("--pooling is for uniform access (no --trace): a trace has its own "
                           "pooling factors")
-    from traces.replay_cli import _table_map, _trace
-
-    mapping = _table_map(args.table_map) or {}
+    mapping = table_map(args.table_map) or {}
     inverse = {v: k for k, v in mapping.items()}
     rows = {inverse.get(s.name, s.name): s.rows for s in specs}
-    src = _trace(args)
+    src = open_trace(args)
     prof = TraceProfile.from_trace(src, rows, max_batches=args.max_batches,
                                    source=",".join(map(str, args.trace)))
     return prof.renamed(mapping) if mapping else prof
@@ -213,8 +206,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-PLAN_COMMANDS = {"plan": cmd_plan}
-
 # planner.STRATEGIES, spelled out so that building the parser needs no numpy/numba
 # (tests/test_cli_startup.py checks that the two agree)
 STRATEGY_CHOICES = ("singular", "capacity", "load", "rowwise", "cost")
@@ -230,11 +221,8 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
-def add_plan_commands(subparsers: Any) -> None:
-    """Register ``plan``."""
-    from traces.cli import _add_source_args
-
-    p = subparsers.add_parser(
+def register(subparsers: Any) -> None:
+    subparsers.add_parser(
         "plan", help="place a store's tables on shards (a plan file for sharded inference)",
         description="Decide which table, or which row range of a table, lives on which shard, "
                     "from the store's table sizes and a trace profile (lookups per batch per "
@@ -243,20 +231,24 @@ def add_plan_commands(subparsers: Any) -> None:
                     "lookups), rowwise (every table split over all shards, ranges balanced by "
                     "measured load), cost (minimise the predicted slowest shard per batch). "
                     "Without --trace, access is uniform with --pooling lookups per sample and "
-                    "batches of --batch-size (default 2048).")
+                    "batches of --batch-size (default 2048).",
+        options=_options, handler=cmd_plan)
+
+
+def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, help="store with the embedding tables")
     p.add_argument("--trace", nargs="+", default=None,
                    help="trace to profile: native directory, or Meta .pt[.gz] / Criteo TSV files "
                         "(default: uniform access)")
-    _add_source_args(p)
-    p.add_argument("--max-batches", type=_pos_int, default=None,
+    add_source_options(p)
+    p.add_argument("--max-batches", type=positive_int, default=None,
                    help="profile the first N batches of the trace (default: all)")
     p.add_argument("--table-map", default=None, metavar="TRACE=STORE,...",
                    help="rename trace tables to store tables (default: same names)")
     p.add_argument("--pooling", type=_nonneg_float, default=None,
                    help="without --trace: lookups per sample of every table (default 1)")
     g = p.add_argument_group("placement")
-    g.add_argument("--shards", required=True, type=_pos_int, help="number of shards")
+    g.add_argument("--shards", required=True, type=positive_int, help="number of shards")
     g.add_argument("--capacity", default=None,
                    help="bytes per shard ('2GiB', '1500000000') or a share of the store's bytes "
                         "('30%%', '0.3'); default: no limit")
@@ -278,46 +270,3 @@ def add_plan_commands(subparsers: Any) -> None:
                    help="cost per byte of distinct rows gathered, ns (default 0.1)")
     c.add_argument("--cost-network-gbytes-per-s", type=_nonneg_float, default=None,
                    help="request/reply bandwidth, GB/s (default 1)")
-    p.set_defaults(handler=cmd_plan)
-
-
-def add_shard_args(p: argparse.ArgumentParser) -> None:
-    """``--plan`` and the Ray options of commands that can run a model sharded."""
-    g = p.add_argument_group("scale-out on Ray (with --plan)")
-    g.add_argument("--plan", default=None, metavar="PLAN.json",
-                   help="serve the tables from Ray shard actors placed by this plan "
-                   "(tiermem plan); default: this process alone")
-    g.add_argument("--ray-address", default=None,
-                   help="an existing Ray cluster ('auto', HOST:6379, ray://HOST:10001); "
-                   "default: start a local one")
-    g.add_argument("--shard-timeout-s", type=_nonneg_float, default=30.0,
-                   help="how long a batch waits for a shard (default 30)")
-    g.add_argument("--transport", choices=["compiled", "tasks"], default="compiled",
-                   help="Ray compiled graph (default) or one Ray task per shard")
-
-
-def open_session(args: argparse.Namespace, config: Any) -> Any:
-    """An InferenceSession, or a ShardedSession when ``--plan`` is given."""
-    if getattr(args, "plan", None):
-        from runtime.distributed.sharded import ShardedSession, ShardOptions
-
-        if not args.shard_timeout_s > 0:
-            raise ConfigError("--shard-timeout-s must be > 0")
-        return ShardedSession.open(args.model, args.store, args.plan, config,
-                                   ShardOptions(timeout_s=args.shard_timeout_s,
-                                                transport=args.transport),
-                                   layout=args.layout, address=args.ray_address)
-    from runtime.session import InferenceSession
-
-    return InferenceSession.open(args.model, args.store, config, layout=args.layout)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m runtime.distributed.plan_cli plan ...``: the ``tiermem`` command itself."""
-    from runtime.cli import main as tiermem_main
-
-    return tiermem_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_warmup_command", "cmd_warmup"]
+__all__ = ["cmd_warmup", "register"]
 
 _TIERS = ("dram", "ssd", "cxl")
 
@@ -42,10 +42,14 @@ def _csv(choices: tuple[str, ...] | None = None, kind: type = str):  # type: ign
     return parse
 
 
-def add_warmup_command(sub: Any) -> None:
-    w = sub.add_parser(
+def register(subparsers: Any) -> None:
+    subparsers.add_parser(
         "warmup", help="compile every kernel into Numba's on-disk cache (first runs are warm)",
-        description=__doc__.split("\n\n")[1].replace("\n", " "))
+        description=__doc__.split("\n\n")[1].replace("\n", " "), options=_options,
+        handler=cmd_warmup)
+
+
+def _options(w: argparse.ArgumentParser) -> None:
     w.add_argument("--store", help="warm this store's tables (default: small temporary stores)")
     w.add_argument("--model", help="with --store: a checkpoint, to warm its whole session")
     w.add_argument("--tiers", type=_csv(_TIERS), default=list(_TIERS),

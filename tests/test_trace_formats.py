@@ -24,6 +24,7 @@ from traces.formats import (
     open_source,
     rebatch,
     sniff,
+    trace_format,
     write_trace,
 )
 from traces.presets import TABLE_PRESETS
@@ -420,6 +421,8 @@ def test_sniff_and_open_source_every_format(tmp_path):
         open_source([native, native])
     with pytest.raises(ConfigError, match="unknown trace format 'parquet'"):
         open_source(tsv, "parquet")
+    assert trace_format("criteo").options >= {"labelled", "missing_id", "max_samples"}
+    assert "labelled" not in trace_format("native").options
     with pytest.raises(ConfigError, match=r"unknown trace option\(s\) \['tabels'\]"):
         open_source(tsv, tabels="1")
     with pytest.raises(ConfigError, match="comma-separated integers"):
@@ -428,3 +431,15 @@ def test_sniff_and_open_source_every_format(tmp_path):
         sniff(tmp_path / "nope.tsv")
     with pytest.raises(ConfigError, match="no input files"):
         sniff([])
+
+
+def test_format_names_cost_no_numpy(python, subprocess_env, repo_root):
+    """The CLI lists the registry's names in --from without loading a reader."""
+    import subprocess
+
+    code = ("import sys; from traces.formats import FORMATS; print(list(FORMATS)); "
+            "print(sorted(m for m in ('numpy', 'numba', 'torch') if m in sys.modules))")
+    p = subprocess.run([python, "-c", code], cwd=repo_root, env=subprocess_env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split("\n")[:2] == ["['native', 'meta', 'criteo']", "[]"]

@@ -24,12 +24,43 @@ with out-of-range ids; a whole batch whose structure is broken), count it in
 """
 from __future__ import annotations
 
-from traces.formats.base import OnError, Trace, TraceFormat, TraceFormatError
-from traces.formats.batch import TraceBatch, concat_batches, rebatch, slice_batch, sparse_of
-from traces.formats.criteo import CriteoTrace
-from traces.formats.meta import MetaTrace
-from traces.formats.native import NativeTrace, TraceWriter, convert_trace, open_trace, write_trace
-from traces.formats.registry import FORMATS, open_source, sniff
+from typing import TYPE_CHECKING
+
+from tiermem._lazy import lazy_names
+from traces.formats.registry import FORMATS, open_source, sniff, trace_format
+
+if TYPE_CHECKING:
+    from traces.formats.base import OnError, Trace, TraceFormat, TraceFormatError
+    from traces.formats.batch import (
+        TraceBatch,
+        concat_batches,
+        rebatch,
+        slice_batch,
+        sparse_of,
+    )
+    from traces.formats.criteo import CriteoTrace
+    from traces.formats.meta import MetaTrace
+    from traces.formats.native import (
+        NativeTrace,
+        TraceWriter,
+        convert_trace,
+        open_trace,
+        write_trace,
+    )
+
+# loaded on first use: the registry (format names, sniff) costs no numpy or Numba
+_LAZY = {
+    **dict.fromkeys(["OnError", "Trace", "TraceFormat", "TraceFormatError"],
+                    "traces.formats.base"),
+    **dict.fromkeys(["TraceBatch", "concat_batches", "rebatch", "slice_batch", "sparse_of"],
+                    "traces.formats.batch"),
+    "CriteoTrace": "traces.formats.criteo",
+    "MetaTrace": "traces.formats.meta",
+    **dict.fromkeys(["NativeTrace", "TraceWriter", "convert_trace", "open_trace",
+                     "write_trace"], "traces.formats.native"),
+}
+
+__getattr__, __dir__ = lazy_names("traces.formats", _LAZY, globals())
 
 __all__ = [
     "FORMATS",
@@ -50,5 +81,6 @@ __all__ = [
     "slice_batch",
     "sniff",
     "sparse_of",
+    "trace_format",
     "write_trace",
 ]

@@ -1,8 +1,8 @@
 """What every trace reader is: a :class:`Trace`, its errors, and its registry entry.
 
-A format module defines a :class:`Trace` subclass and one :class:`TraceFormat`
-(how to recognise its files, how to open them); :mod:`traces.formats.registry`
-lists the formats.
+A format module defines a :class:`Trace` subclass and its :class:`TraceFormat`
+``FORMAT`` (how to recognise its files, how to open them);
+:mod:`traces.formats.registry` lists the formats.
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ class Trace(ABC):
 class TraceFormat:
     """One input format: which files it claims and how to open them.
 
-    Registered in :data:`traces.formats.registry.FORMATS`; ``sniff`` asks the
-    formats in that order, and ``open_source`` passes a format the options
-    its ``open`` takes as keyword-only parameters.
+    A format module's ``FORMAT``, named in :data:`traces.formats.registry.FORMATS`;
+    ``sniff`` asks the formats in that order, and ``open_source`` passes a
+    format the options its ``open`` takes as keyword-only parameters.
     """
 
     name: str

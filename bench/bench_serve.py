@@ -48,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runtime.service import ServingConfig, ServingRuntime  # noqa: E402
+from runtime.service import BatcherConfig, ServingConfig, ServingRuntime  # noqa: E402
 from runtime.session import InferenceSession, RuntimeConfig  # noqa: E402
 from runtime.wire import BINARY_TYPE, PREDICTIONS_TYPE, encode_request  # noqa: E402
 from tiermem.features import SparseFeatures  # noqa: E402
@@ -117,9 +117,10 @@ def pct(a: list[float] | np.ndarray, q: float) -> float:
 
 def serving_config(args: argparse.Namespace) -> ServingConfig:
     """The batching the runtime alone and the HTTP server both use."""
-    return ServingConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
-                         max_queue_requests=4096, max_queue_samples=1 << 22, warmup=True,
-                         workers=args.workers)
+    return ServingConfig(BatcherConfig(max_batch_size=args.max_batch_size,
+                                       max_delay_ms=args.max_delay_ms, max_queue_requests=4096,
+                                       max_queue_samples=1 << 22, workers=args.workers),
+                         warmup=True)
 
 
 def run_async(coro: Any) -> Any:
@@ -499,9 +500,10 @@ def part3(session: InferenceSession, queries: list, sat_qps: float, args: argpar
           ) -> dict[str, Any]:
     print("\n== 3. MLPerf LoadGen on the embeddable runtime ==", flush=True)
     qps = args.loadgen_qps or round(0.5 * sat_qps, 1)
-    cfg = ServingConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
-                        max_queue_requests=1 << 20, max_queue_samples=1 << 30,
-                        overload="wait", wait_timeout_s=60.0, workers=args.workers)
+    cfg = ServingConfig(BatcherConfig(max_batch_size=args.max_batch_size,
+                                      max_delay_ms=args.max_delay_ms, max_queue_requests=1 << 20,
+                                      max_queue_samples=1 << 30, overload="wait",
+                                      wait_timeout_s=60.0, workers=args.workers))
     out = {}
     with ServingRuntime(session, cfg) as rt:
         rt.wait_ready(120)

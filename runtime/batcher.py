@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tiermem.config import Choice, ConfigDict
 from tiermem.errors import ConfigError, InvalidBatchError, TierMemError
 from tiermem.features import SparseFeatures
 from tiermem.kernels.jagged import finite_copy, merge_key_major
@@ -81,13 +82,13 @@ __all__ = [
     "BatcherCounters",
     "DeadlineExceeded",
     "DynamicBatcher",
+    "OverloadMode",
     "Overloaded",
     "RequestTooLarge",
     "ServiceTime",
     "concat_features",
 ]
 
-OVERLOAD_MODES = ("reject", "wait")
 MAX_DEADLINE_S = 3600.0
 """The furthest deadline a request may set (later ones are a client bug, and a wait
 that long overflows the clock)."""
@@ -106,12 +107,21 @@ class BatcherClosed(TierMemError):
     """The batcher is shutting down or closed: it accepts no new requests."""
 
 
+class OverloadMode(Choice):
+    """What a submit does when the queue is full."""
+
+    REJECT = "reject"
+    """Raise :class:`Overloaded` at once."""
+    WAIT = "wait"
+    """Block up to ``wait_timeout_s`` for room, then :class:`Overloaded`."""
+
+
 class RequestTooLarge(InvalidBatchError):
     """A request holds more samples or ids than one request may (HTTP 413)."""
 
 
 @dataclass(frozen=True)
-class BatcherConfig:
+class BatcherConfig(ConfigDict):
     """Knobs of :class:`DynamicBatcher`."""
 
     max_batch_size: int = 2048
@@ -126,8 +136,8 @@ class BatcherConfig:
     """Most samples in one request; more is refused (:class:`RequestTooLarge`)."""
     max_request_ids: int = 1 << 24
     """Most ids (all tables) in one request; more is refused (:class:`RequestTooLarge`)."""
-    overload: str = "reject"
-    """When the queue is full: ``"reject"`` (raise :class:`Overloaded` at once) or ``"wait"``."""
+    overload: OverloadMode = OverloadMode.REJECT
+    """When the queue is full: ``reject`` (raise :class:`Overloaded` at once) or ``wait``."""
     wait_timeout_s: float = 1.0
     """``overload="wait"``: longest a submit blocks for room before :class:`Overloaded`."""
     max_queue_delay_ms: float | None = None
@@ -155,9 +165,7 @@ class BatcherConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1e6:
                 raise ConfigError(f"{type(self).__name__}.{name} must be a number in [0, 1e6), "
                                   f"got {v!r}")
-        if self.overload not in OVERLOAD_MODES:
-            raise ConfigError(f"{type(self).__name__}.overload must be one of {OVERLOAD_MODES}, "
-                              f"got {self.overload!r}")
+        object.__setattr__(self, "overload", OverloadMode.parse(self.overload))
         v = self.max_queue_delay_ms
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                               or not 0 < v <= MAX_DEADLINE_S * 1e3):

@@ -1,6 +1,7 @@
 """The embeddable serving runtime: dynamic batching, deadlines, readiness, metrics.
 
-    runtime = ServingRuntime(session, ServingConfig(max_batch_size=2048, max_delay_ms=2))
+    runtime = ServingRuntime(session, ServingConfig(BatcherConfig(max_batch_size=2048,
+                                                                  max_delay_ms=2)))
     preds = runtime.predict(dense, sparse)                  # blocking, thread-safe
     fut = runtime.submit(dense, sparse, deadline_ms=50)     # concurrent.futures.Future
     preds = await runtime.predict_async(dense, sparse)      # asyncio
@@ -25,21 +26,22 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from runtime.batcher import (
     MAX_DEADLINE_S,
-    OVERLOAD_MODES,
     BatcherClosed,
     BatcherConfig,
     DeadlineExceeded,
     DynamicBatcher,
     Overloaded,
+    OverloadMode,
     _Request,
 )
+from tiermem.config import ConfigDict
 from tiermem.errors import ConfigError
 from tiermem.features import SparseFeatures
 
@@ -48,8 +50,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatcherClosed",
+    "BatcherConfig",
     "DeadlineExceeded",
     "Histogram",
+    "OverloadMode",
     "Overloaded",
     "ServingConfig",
     "ServingRuntime",
@@ -67,46 +71,23 @@ BATCH_REQUEST_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
-class ServingConfig:
+class ServingConfig(ConfigDict):
     """How :class:`ServingRuntime` batches, queues and warms up."""
 
-    max_batch_size: int = 2048
-    """Most samples merged into one predict; a larger request runs alone (never split)."""
-    max_delay_ms: float = 2.0
-    """Longest a batch waits for more requests after its oldest arrived."""
-    max_queue_requests: int = 1024
-    """Most requests waiting; beyond, the ``overload`` rule applies."""
-    max_queue_samples: int = 65536
-    """Most samples waiting; beyond, the ``overload`` rule applies."""
-    max_request_samples: int = 65536
-    """Most samples in one request (more: ``RequestTooLarge``, HTTP 413), checked before
-    anything proportional to the count is allocated."""
-    max_request_ids: int = 1 << 24
-    """Most ids (all tables together) in one request (more: ``RequestTooLarge``)."""
-    overload: str = "reject"
-    """Queue full: ``"reject"`` (raise ``Overloaded`` at once) or ``"wait"`` (up to
-    ``wait_timeout_s``, then ``Overloaded``)."""
-    wait_timeout_s: float = 1.0
-    """``overload="wait"``: longest a submit blocks for room."""
-    max_queue_delay_ms: float | None = None
-    """A bound on the queue in time: a request still waiting for its batch to start this
-    long after it arrived fails with ``Overloaded`` (HTTP 503; counted in ``rejected``
-    and ``queue_expired``) instead of running late. None: only the count bounds."""
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    """Batch size and delay, queue bounds, overload rule, per-request limits, workers
+    (:class:`~runtime.batcher.BatcherConfig`; with ``workers=W`` give the session
+    ``RuntimeConfig(num_threads=cores // W)``)."""
     default_deadline_ms: float | None = None
     """Deadline of requests that give none (None: no deadline)."""
     warmup: bool = True
     """Warm the session up at start (every kernel compiled or loaded) before reporting
     ready."""
-    prefetch_batches: int = 2
-    """Upcoming batches announced to the session's prefetcher (if it has one)."""
-    workers: int = 1
-    """Batches run at once, each on a thread of its own (see ``BatcherConfig.workers``);
-    give the session ``RuntimeConfig(num_threads=cores // workers)``."""
 
     def __post_init__(self) -> None:
-        if self.overload not in OVERLOAD_MODES:
-            raise ConfigError(f"ServingConfig.overload must be one of {OVERLOAD_MODES}, got "
-                              f"{self.overload!r}")
+        if not isinstance(self.batcher, BatcherConfig):
+            raise ConfigError(f"ServingConfig.batcher must be a BatcherConfig, got "
+                              f"{self.batcher!r}")
         if self.default_deadline_ms is not None and (
                 isinstance(self.default_deadline_ms, bool)
                 or not isinstance(self.default_deadline_ms, (int, float))
@@ -115,30 +96,6 @@ class ServingConfig:
                               f"got {self.default_deadline_ms!r}")
         if not isinstance(self.warmup, bool):
             raise ConfigError(f"ServingConfig.warmup must be a bool, got {self.warmup!r}")
-        try:
-            self.batcher_config()
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("BatcherConfig", "ServingConfig")) from None
-
-    def batcher_config(self) -> BatcherConfig:
-        return BatcherConfig(max_batch_size=self.max_batch_size, max_delay_ms=self.max_delay_ms,
-                             max_queue_requests=self.max_queue_requests,
-                             max_queue_samples=self.max_queue_samples, overload=self.overload,
-                             max_request_samples=self.max_request_samples,
-                             max_request_ids=self.max_request_ids,
-                             wait_timeout_s=self.wait_timeout_s,
-                             max_queue_delay_ms=self.max_queue_delay_ms,
-                             prefetch_batches=self.prefetch_batches, workers=self.workers)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ServingConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown ServingConfig field(s): {sorted(unknown)}")
-        return cls(**d)
 
 
 class Histogram:
@@ -205,7 +162,7 @@ class ServingRuntime:
         self._batch_size = Histogram(BATCH_SIZE_BUCKETS)
         self._batch_requests = Histogram(BATCH_REQUEST_BUCKETS)
         self._batch_seconds = Histogram(LATENCY_BUCKETS_S)
-        self.batcher = DynamicBatcher(session, self.config.batcher_config(),
+        self.batcher = DynamicBatcher(session, self.config.batcher,
                                       on_batch=self._on_batch, on_done=self._on_done)
         self._ready = threading.Event()
         self.warmup_error: BaseException | None = None
@@ -326,7 +283,7 @@ class ServingRuntime:
                                    t_start=t_start)
         if isinstance(req, Future):
             fut = req
-        elif self.config.overload == "reject":
+        elif self.config.batcher.overload == "reject":
             fut = self.batcher.admit(req, wait=False)
         else:
             fut = await self._admit_waiting(req)
@@ -334,7 +291,7 @@ class ServingRuntime:
 
     async def _admit_waiting(self, req: _Request) -> Future[np.ndarray]:
         loop = asyncio.get_running_loop()
-        limit = req.t_submit + self.config.wait_timeout_s
+        limit = req.t_submit + self.config.batcher.wait_timeout_s
         if req.deadline is not None:
             limit = min(limit, req.deadline)
         while True:
@@ -347,7 +304,7 @@ class ServingRuntime:
                 if req.deadline is not None and limit >= req.deadline:
                     continue  # try_admit raises DeadlineExceeded
                 raise self.batcher.reject(
-                    f"queue stayed full for {self.config.wait_timeout_s} s")
+                    f"queue stayed full for {self.config.batcher.wait_timeout_s} s")
             try:
                 await asyncio.wait_for(room.wait(), min(left, 0.05))
             except TimeoutError:

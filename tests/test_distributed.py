@@ -211,7 +211,7 @@ def test_serving_runtime_over_shards(cluster, model) -> None:
     """The embeddable serving runtime (dynamic batching, threads) over a sharded session."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from runtime.service import ServingConfig, ServingRuntime
+    from runtime.service import BatcherConfig, ServingConfig, ServingRuntime
 
     path, store, cfg = model
     conf = RuntimeConfig(tier=TierConfig(kind="ssd", io_threads=4),
@@ -228,7 +228,7 @@ def test_serving_runtime_over_shards(cluster, model) -> None:
         want = [single.predict(d, s) for d, s in reqs]
     sharded = ShardedSession.open(path, store, _plan(store), conf)
     profile = {names[2]: np.arange(0, 1000, 7), names[0]: np.arange(50)}
-    with ServingRuntime(sharded, ServingConfig(max_batch_size=64, max_delay_ms=5),
+    with ServingRuntime(sharded, ServingConfig(BatcherConfig(max_batch_size=64, max_delay_ms=5)),
                         warm_profile=profile, owns_session=True) as rt:
         assert rt.wait_ready(120)
         with ThreadPoolExecutor(6) as ex:

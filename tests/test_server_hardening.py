@@ -62,9 +62,9 @@ def session(model):
 @pytest.fixture(scope="module")
 def hard(session):
     """One server for the module: small limits, short timeouts."""
-    rt = ServingRuntime(session, ServingConfig(max_batch_size=256, max_delay_ms=1,
-                                               max_request_samples=1000,
-                                               max_request_ids=20_000))
+    rt = ServingRuntime(session, ServingConfig(BatcherConfig(max_batch_size=256, max_delay_ms=1,
+                                                             max_request_samples=1000,
+                                                             max_request_ids=20_000)))
     assert rt.wait_ready(30)
     with serve(rt, server_kw={"header_timeout_s": 0.5, "limit_concurrency": 64},
                max_body_bytes=256 << 10, max_json_bytes=128 << 10, body_timeout_s=0.5) as url, \
@@ -199,7 +199,7 @@ def test_healthz_answers_while_a_large_body_decodes(session):
     """A max-size npz (16 MiB, deflated members inflating to the 64 MiB budget) decodes on
     a decode thread: /healthz keeps answering within 100 ms (in one of three tries: the
     CPU is shared; decoding on the event loop would stall every try by ~0.2-0.4 s)."""
-    rt = ServingRuntime(session, ServingConfig(max_delay_ms=1))
+    rt = ServingRuntime(session, ServingConfig(BatcherConfig(max_delay_ms=1)))
     assert rt.wait_ready(30)
     rng = np.random.default_rng(5)
     noise = rng.integers(0, 255, 15 << 20, dtype=np.uint8)  # incompressible: 15 MiB body
@@ -289,8 +289,8 @@ def test_overload_wait_is_bounded_end_to_end(session):
     """60 waiters on a stuck batcher: every one is refused by wait_timeout_s (+ slack),
     none queued behind an executor (the old default executor ran 6 at a time)."""
     gated = Gated(session)
-    rt = ServingRuntime(gated, ServingConfig(max_queue_requests=1, max_delay_ms=0,
-                                             overload="wait", wait_timeout_s=0.3,
+    rt = ServingRuntime(gated, ServingConfig(BatcherConfig(max_queue_requests=1, max_delay_ms=0,
+                                                           overload="wait", wait_timeout_s=0.3),
                                              warmup=False))
     d, s = make_request(np.random.default_rng(7), 1)
 
@@ -326,8 +326,9 @@ def test_overload_wait_is_bounded_end_to_end(session):
 
 def test_overload_wait_admits_when_room_frees(session):
     gated = Gated(session)
-    rt = ServingRuntime(gated, ServingConfig(max_queue_requests=1, max_delay_ms=0,
-                                             overload="wait", wait_timeout_s=5, warmup=False))
+    rt = ServingRuntime(gated, ServingConfig(BatcherConfig(max_queue_requests=1, max_delay_ms=0,
+                                                           overload="wait", wait_timeout_s=5),
+                                             warmup=False))
     d, s = make_request(np.random.default_rng(8), 1)
 
     async def main():
@@ -350,7 +351,7 @@ def test_overload_wait_admits_when_room_frees(session):
 
 def test_overload_reject_fast_over_http(session):
     gated = Gated(session)
-    rt = ServingRuntime(gated, ServingConfig(max_queue_requests=2, max_delay_ms=0,
+    rt = ServingRuntime(gated, ServingConfig(BatcherConfig(max_queue_requests=2, max_delay_ms=0),
                                              warmup=False))
     d, s = make_request(np.random.default_rng(9), 2)
     body = encode_request(d, s)
@@ -468,7 +469,7 @@ class Faulty:
 
 def test_faults_are_5xx_with_request_id_and_degrade_readiness(session):
     faulty = Faulty(session)
-    rt = ServingRuntime(faulty, ServingConfig(max_delay_ms=0, warmup=False))
+    rt = ServingRuntime(faulty, ServingConfig(BatcherConfig(max_delay_ms=0), warmup=False))
     d, s = make_request(np.random.default_rng(10), 2)
     body = encode_request(d, s)
     with serve(rt) as url, httpx.Client(base_url=url, timeout=10) as client:
@@ -506,7 +507,7 @@ def test_faults_are_5xx_with_request_id_and_degrade_readiness(session):
 
 
 def test_auth_token(session):
-    rt = ServingRuntime(session, ServingConfig(max_delay_ms=0, warmup=False))
+    rt = ServingRuntime(session, ServingConfig(BatcherConfig(max_delay_ms=0), warmup=False))
     d, s = make_request(np.random.default_rng(11), 2)
     body = encode_request(d, s)
     with serve(rt, auth_token="s3cret") as url, httpx.Client(base_url=url, timeout=10) as c:

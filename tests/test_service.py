@@ -138,20 +138,21 @@ def test_concat_features_matches_tables():
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="overload"):
-        ServingConfig(overload="drop")
+        ServingConfig(BatcherConfig(overload="drop"))
     with pytest.raises(ConfigError, match="max_batch_size"):
-        ServingConfig(max_batch_size=0)
+        ServingConfig(BatcherConfig(max_batch_size=0))
     with pytest.raises(ConfigError, match="default_deadline_ms"):
         ServingConfig(default_deadline_ms=-1)
     with pytest.raises(ConfigError, match="max_delay_ms"):
         BatcherConfig(max_delay_ms=float("nan"))
-    assert ServingConfig.from_dict(ServingConfig(max_batch_size=7).to_dict()).max_batch_size == 7
+    cfg = ServingConfig(BatcherConfig(max_batch_size=7))
+    assert ServingConfig.from_dict(cfg.to_dict()).batcher.max_batch_size == 7
 
 
 def test_threads_match_sequential(session):
     reqs = requests(48, seed=2)
     expected = [session.predict(d, s) for d, s in reqs]
-    cfg = ServingConfig(max_batch_size=128, max_delay_ms=5)
+    cfg = ServingConfig(BatcherConfig(max_batch_size=128, max_delay_ms=5))
     with ServingRuntime(session, cfg) as rt:
         assert rt.wait_ready(30)
         with ThreadPoolExecutor(8) as ex:
@@ -175,8 +176,8 @@ def test_asyncio_tasks_match_sequential(session):
             asyncio.gather(*(rt.predict_async(d, s) for d, s in reqs)), 30)
 
     for overload in ("reject", "wait"):
-        with ServingRuntime(session, ServingConfig(max_batch_size=64, max_delay_ms=3,
-                                                   overload=overload)) as rt:
+        with ServingRuntime(session, ServingConfig(BatcherConfig(max_batch_size=64, max_delay_ms=3,
+                                                                 overload=overload))) as rt:
             got = asyncio.run(main(rt))
             assert rt.metrics()["batches"] < 40
         for g, e in zip(got, expected, strict=True):
@@ -187,7 +188,7 @@ def test_large_request_runs_alone_and_empty_request(session):
     rng = np.random.default_rng(4)
     big = make_request(rng, 50)
     gated = Gated(session)
-    with ServingRuntime(gated, ServingConfig(max_batch_size=16, warmup=False)) as rt:
+    with ServingRuntime(gated, ServingConfig(BatcherConfig(max_batch_size=16), warmup=False)) as rt:
         small = [rt.submit(*make_request(rng, 3)) for _ in range(2)]
         fut = rt.submit(*big)
         gated.gate.set()
@@ -202,7 +203,7 @@ def test_large_request_runs_alone_and_empty_request(session):
 def test_overload_reject_is_immediate(session):
     gated = Gated(session)
     reqs = requests(5, seed=5, max_b=4)
-    cfg = ServingConfig(max_queue_requests=3, max_delay_ms=0, warmup=False)
+    cfg = ServingConfig(BatcherConfig(max_queue_requests=3, max_delay_ms=0), warmup=False)
     with ServingRuntime(gated, cfg) as rt:
         first = rt.submit(*reqs[0])
         assert gated.entered.wait(10)  # the worker holds it: the queue is empty again
@@ -220,8 +221,8 @@ def test_overload_reject_is_immediate(session):
 def test_overload_wait_times_out_then_succeeds(session):
     gated = Gated(session)
     reqs = requests(3, seed=6, max_b=4)
-    cfg = ServingConfig(max_queue_requests=1, max_delay_ms=0, overload="wait",
-                        wait_timeout_s=0.2, warmup=False)
+    cfg = ServingConfig(BatcherConfig(max_queue_requests=1, max_delay_ms=0, overload="wait",
+                                      wait_timeout_s=0.2), warmup=False)
     with ServingRuntime(gated, cfg) as rt:
         rt.submit(*reqs[0])
         assert gated.entered.wait(10)
@@ -241,7 +242,7 @@ def test_queue_bound_in_time(session):
     (Overloaded, HTTP 503) when the bound passes, not run late; one that waited less runs."""
     gated = Gated(session)
     reqs = requests(4, seed=7, max_b=4)
-    cfg = ServingConfig(max_delay_ms=0, max_queue_delay_ms=150, warmup=False)
+    cfg = ServingConfig(BatcherConfig(max_delay_ms=0, max_queue_delay_ms=150), warmup=False)
     with ServingRuntime(gated, cfg) as rt, serve(rt) as url, \
             httpx.Client(base_url=url, timeout=20) as client:
         first = rt.submit(*reqs[0])
@@ -266,13 +267,13 @@ def test_queue_bound_in_time(session):
         got = {s.labels["outcome"]: s.value for s in fams["tiermem_requests"].samples}
         assert got["queue_expired"] == 2
     with pytest.raises(ConfigError, match="max_queue_delay_ms"):
-        ServingConfig(max_queue_delay_ms=0)
+        ServingConfig(BatcherConfig(max_queue_delay_ms=0))
 
 
 def test_deadlines_fail_fast(session):
     gated = Gated(session)
     reqs = requests(3, seed=7, max_b=4)
-    with ServingRuntime(gated, ServingConfig(max_delay_ms=0, warmup=False)) as rt:
+    with ServingRuntime(gated, ServingConfig(BatcherConfig(max_delay_ms=0), warmup=False)) as rt:
         running = rt.submit(*reqs[0])
         assert gated.entered.wait(10)
         t0 = time.monotonic()
@@ -318,7 +319,7 @@ def test_deadline_covers_the_whole_request(session):
 def test_answer_after_the_deadline_is_discarded(session):
     gated = Gated(session)
     req = requests(1, seed=41)[0]
-    with ServingRuntime(gated, ServingConfig(max_delay_ms=0, warmup=False)) as rt:
+    with ServingRuntime(gated, ServingConfig(BatcherConfig(max_delay_ms=0), warmup=False)) as rt:
         fut = rt.submit(*req, deadline_ms=300)
         assert gated.entered.wait(10)  # it started well in time...
         time.sleep(0.4)
@@ -349,7 +350,7 @@ def test_workers_match_sequential(model):
     with InferenceSession.open(*model, RuntimeConfig(num_threads=1)) as sess:
         reqs = requests(60, seed=31)
         expected = [sess.predict(d, s) for d, s in reqs]
-        cfg = ServingConfig(max_batch_size=64, max_delay_ms=1, workers=2)
+        cfg = ServingConfig(BatcherConfig(max_batch_size=64, max_delay_ms=1, workers=2))
         with ServingRuntime(sess, cfg) as rt:
             assert rt.wait_ready(30)
             assert len(rt.batcher._workers) == 2
@@ -360,15 +361,15 @@ def test_workers_match_sequential(model):
             np.testing.assert_allclose(g, e, **TOL)
         assert m["requests"]["completed"] == 60
     with pytest.raises(ConfigError, match="workers"):
-        ServingConfig(workers=0)
+        ServingConfig(BatcherConfig(workers=0))
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_shutdown_drains_every_accepted_request(session, workers):
     gated = Gated(session)
     reqs = requests(12, seed=8, max_b=10)
-    rt = ServingRuntime(gated, ServingConfig(max_batch_size=32, max_delay_ms=1, warmup=False,
-                                             workers=workers))
+    rt = ServingRuntime(gated, ServingConfig(BatcherConfig(max_batch_size=32, max_delay_ms=1,
+                                                           workers=workers), warmup=False))
     futs = [rt.submit(*r) for r in reqs]
     closer = threading.Thread(target=rt.close, kwargs={"drain": True})
     closer.start()
@@ -386,7 +387,7 @@ def test_shutdown_drains_every_accepted_request(session, workers):
 def test_shutdown_without_drain_fails_queued(session):
     gated = Gated(session)
     reqs = requests(5, seed=9, max_b=4)
-    rt = ServingRuntime(gated, ServingConfig(max_delay_ms=0, warmup=False))
+    rt = ServingRuntime(gated, ServingConfig(BatcherConfig(max_delay_ms=0), warmup=False))
     first = rt.submit(*reqs[0])
     assert gated.entered.wait(10)
     queued = [rt.submit(*r) for r in reqs[1:]]
@@ -417,7 +418,8 @@ def test_bad_request_fails_alone(session, bad):
         s = SparseFeatures(("nope", *s.keys[1:]), s.values, s.offsets)
     else:
         d = d[:-1]
-    with ServingRuntime(session, ServingConfig(max_batch_size=256, max_delay_ms=5)) as rt:
+    with ServingRuntime(session, ServingConfig(BatcherConfig(max_batch_size=256,
+                                                             max_delay_ms=5))) as rt:
         def call(i):
             if i == 7:
                 with pytest.raises(InvalidBatchError):
@@ -439,7 +441,7 @@ def test_failing_merged_batch_fails_only_culprit(session):
     reqs = requests(6, seed=12, max_b=5)
     bad_dense = reqs[3][0].copy()
     bad_dense[0, 0] = 777.0
-    with ServingRuntime(gated, ServingConfig(max_delay_ms=0, warmup=False)) as rt:
+    with ServingRuntime(gated, ServingConfig(BatcherConfig(max_delay_ms=0), warmup=False)) as rt:
         rt.submit(*reqs[0])
         assert gated.entered.wait(10)
         futs = [rt.submit(bad_dense if i == 3 else d, s) for i, (d, s) in enumerate(reqs)]
@@ -462,7 +464,7 @@ def test_queue_feeds_the_prefetcher(model):
     with InferenceSession.open(*model, cfg) as sess:
         gated = Gated(sess)
         reqs = requests(8, seed=13, max_b=8)
-        with ServingRuntime(gated, ServingConfig(max_batch_size=8, max_delay_ms=0,
+        with ServingRuntime(gated, ServingConfig(BatcherConfig(max_batch_size=8, max_delay_ms=0),
                                                  warmup=False)) as rt:
             first = rt.submit(*reqs[0])
             assert gated.entered.wait(10)
@@ -523,7 +525,7 @@ def npz_body(d, s):
 
 @pytest.fixture(scope="module")
 def server(session):
-    rt = ServingRuntime(session, ServingConfig(max_batch_size=256, max_delay_ms=2))
+    rt = ServingRuntime(session, ServingConfig(BatcherConfig(max_batch_size=256, max_delay_ms=2)))
     assert rt.wait_ready(30)
     with serve(rt, max_body_bytes=64 * 1024) as url, httpx.Client(base_url=url,
                                                                   timeout=20) as client:
@@ -710,7 +712,7 @@ def test_http_health_ready_metrics(server):
 
 def test_http_readiness_overload_deadline(session):
     gated = Gated(session)
-    rt = ServingRuntime(gated, ServingConfig(max_queue_requests=1, max_delay_ms=0))
+    rt = ServingRuntime(gated, ServingConfig(BatcherConfig(max_queue_requests=1, max_delay_ms=0)))
     reqs = requests(4, seed=25, max_b=3)
     with serve(rt) as url, httpx.Client(base_url=url, timeout=20) as client:
         assert client.get("/healthz").status_code == 200

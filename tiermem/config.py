@@ -1,15 +1,31 @@
-"""Configuration of the tiers, as frozen dataclasses validated on creation."""
+"""Configuration of the tiers, as frozen dataclasses validated on creation, and what every
+config dataclass shares: :class:`Choice` enums for closed sets of names, :class:`ConfigDict`
+(``to_dict``/``from_dict`` in one place) and :func:`config_fields` (a field's type, default
+and docstring, for generated command-line options)."""
 
 from __future__ import annotations
 
+import ast
+import collections.abc
+import dataclasses
+import functools
+import inspect
 import re
-from dataclasses import asdict, dataclass, fields
+import sys
+import textwrap
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from tiermem.errors import ConfigError
 
-__all__ = ["Choice", "PoolingMode", "TierConfig", "TierKind", "parse_bytes"]
+__all__ = ["Choice", "ConfigDict", "ConfigField", "PoolingMode", "TierConfig", "TierKind",
+           "config_fields", "parse_bytes"]
+
+_C = TypeVar("_C")
 
 _BYTE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
                "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20,
@@ -49,7 +65,14 @@ def parse_share_or_bytes(spec: str) -> tuple[str, float]:
 
 
 class Choice(str, Enum):
-    """A string enum whose :meth:`parse` names the valid choices on a bad value."""
+    """A string enum whose :meth:`parse` names the valid choices on a bad value.
+
+    A member equals its value (``TierKind.DRAM == "dram"``) and prints as it
+    (``f"{kind}"`` is ``dram``), so code and messages written for the strings keep working.
+    """
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
     @classmethod
     def parse(cls, value: Any) -> Any:
@@ -62,6 +85,180 @@ class Choice(str, Enum):
             what = re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()  # TierKind: tier kind
             raise ConfigError(f"unknown {what} {value!r}; expected one of: "
                               f"{', '.join(m.value for m in cls)}") from None
+
+
+
+# -- to_dict / from_dict ---------------------------------------------------------------------
+
+def _public(f: dataclasses.Field[Any]) -> bool:
+    """A field a dict holds: given to the constructor, not private (``_split``)."""
+    return f.init and not f.name.startswith("_")
+
+
+def _plain(v: Any) -> Any:
+    """``v`` as JSON holds it: enums as values, dataclasses as dicts, tuples as lists."""
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, ConfigDict):
+        return v.to_dict()
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {f.name: _plain(getattr(v, f.name)) for f in fields(v) if _public(f)}
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Each field's annotation resolved (None where a name exists only for type checkers,
+    e.g. imported under ``TYPE_CHECKING``: such a value is passed on as given)."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:
+        pass
+    out: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        ns = vars(sys.modules.get(klass.__module__, object()))
+        for name, ann in vars(klass).get("__annotations__", {}).items():
+            try:
+                out[name] = eval(ann, ns, dict(vars(klass))) if isinstance(ann, str) else ann
+            except Exception:
+                out[name] = None
+    return out
+
+
+def _build(tp: Any, v: Any) -> Any:
+    """``v`` (from JSON) as the field type ``tp`` wants it: a nested dataclass from a dict,
+    a tuple from a list, an enum from its value; anything else as given (the class's
+    ``__post_init__`` checks it)."""
+    if v is None or tp is None:
+        return v
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        opts = [a for a in args if a is not type(None)]
+        for a in opts:  # the first option the value's shape fits
+            o = typing.get_origin(a) or a
+            if isinstance(v, Mapping) and (dataclasses.is_dataclass(o) or o in _MAPPINGS):
+                return _build(a, v)
+            if isinstance(v, list | tuple) and o in (tuple, list):
+                return _build(a, v)
+            if isinstance(v, str) and isinstance(o, type) and issubclass(o, Choice):
+                return _build(a, v)
+        return v
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(v, Mapping):
+        return tp.from_dict(v) if issubclass(tp, ConfigDict) else _from_dict(tp, v)
+    if isinstance(tp, type) and issubclass(tp, Choice):
+        return tp.parse(v)
+    if origin in (tuple, list) and isinstance(v, list | tuple):
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_build(args[0], x) for x in v)
+        if origin is tuple and args and len(args) == len(v):
+            return tuple(_build(a, x) for a, x in zip(args, v, strict=True))
+        return origin(_build(args[0] if args else None, x) for x in v)
+    if origin in _MAPPINGS and isinstance(v, Mapping):
+        return {k: _build(args[1] if len(args) == 2 else None, x) for k, x in v.items()}
+    return v
+
+
+_MAPPINGS = (dict, collections.abc.Mapping)
+
+
+def _from_dict(cls: type[_C], d: Any) -> _C:
+    name = cls.__name__
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{name}: expected a mapping (a JSON object), got {type(d).__name__}")
+    own = [f for f in fields(cls) if _public(f)]  # type: ignore[arg-type]
+    known = [f.name for f in own]
+    unknown = sorted((k for k in d if k not in known), key=str)
+    if unknown:
+        raise ConfigError(f"unknown {name} field(s): {unknown}; known: {', '.join(known)}")
+    missing = [f.name for f in own if f.name not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing {name} field(s): {missing}")
+    hints = _field_types(cls)
+    return cls(**{k: _build(hints.get(k), v) for k, v in d.items()})
+
+
+class ConfigDict:
+    """``to_dict``/``from_dict`` of a config dataclass, written once.
+
+    :meth:`to_dict` gives JSON's types (enums as their values, nested configs as dicts,
+    tuples as lists); :meth:`from_dict` takes such a mapping back: an unknown key is a
+    :class:`ConfigError` naming it, the class and its fields, a nested config is built from
+    its dict, an enum from its value (:meth:`Choice.parse` names the choices). Classes with
+    a file format of their own override them, calling these.
+    """
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name))
+                for f in fields(self) if _public(f)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls: type[_C], d: Mapping[str, Any]) -> _C:
+        return _from_dict(cls, d)
+
+
+# -- introspection ---------------------------------------------------------------------------
+
+class ConfigField(NamedTuple):
+    """One field of a config dataclass, for tools that describe or set configs (the CLI)."""
+
+    name: str
+    type: Any
+    """The resolved annotation (None if only type checkers can resolve it)."""
+    default: Any
+    """The default (a ``default_factory``'s product), or ``dataclasses.MISSING``."""
+    help: str
+    """The field's attribute docstring (the string literal after it), whitespace folded."""
+    nested: bool
+    """The field holds a config dataclass (possibly None): its own fields are options."""
+
+
+@functools.cache
+def _docstrings(cls: type) -> dict[str, str]:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef)), [])
+    out = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
+                and isinstance(nxt.value.value, str):
+            out[node.target.id] = " ".join(nxt.value.value.split())
+    return out
+
+
+def _holds_dataclass(tp: Any) -> bool:
+    opts = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) \
+        else (tp,)
+    return any(isinstance(a, type) and dataclasses.is_dataclass(a) for a in opts)
+
+
+@functools.cache
+def config_fields(cls: type) -> tuple[ConfigField, ...]:
+    """The constructor fields of the config dataclass ``cls``: name, resolved type, default,
+    help (the attribute docstring, read from the source with :mod:`ast`) and whether it
+    nests a config dataclass. Cached per class."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ConfigError(f"{cls!r} is not a dataclass")
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_docstrings(klass))
+    hints = _field_types(cls)
+    out = []
+    for f in fields(cls):
+        if not _public(f):
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        tp = hints.get(f.name)
+        out.append(ConfigField(f.name, tp, default, docs.get(f.name, ""), _holds_dataclass(tp)))
+    return tuple(out)
 
 
 class TierKind(Choice):
@@ -83,7 +280,7 @@ class PoolingMode(Choice):
 
 
 @dataclass(frozen=True)
-class TierConfig:
+class TierConfig(ConfigDict):
     """How a store is served: the tier and its knobs."""
 
     kind: TierKind = TierKind.DRAM
@@ -133,16 +330,3 @@ class TierConfig:
                 raise ConfigError(f"TierConfig.{name} must be a number >= 0, got {v!r}")
         if self.cxl_bandwidth_gbps == 0:
             raise ConfigError("TierConfig.cxl_bandwidth_gbps must be > 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["kind"] = self.kind.value
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TierConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown TierConfig field(s): {sorted(unknown)}")
-        return cls(**d)

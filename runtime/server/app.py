@@ -117,7 +117,7 @@ def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BOD
     batcher = runtime.batcher
     limits = DecodeLimits(tuple(batcher.table_names), batcher.num_dense, batcher.check_size,
                           max_body_bytes, max_json_bytes)
-    reject_mode = runtime.config.overload == "reject"
+    reject_mode = runtime.config.batcher.overload == "reject"
     shard_errors = _shard_errors()
     decode_pool = ThreadPoolExecutor(2, thread_name_prefix="tiermem-decode")
     retry = {"Retry-After": str(retry_after_s)}

@@ -40,7 +40,7 @@ class StoreFormatError(StoreError, ValueError):
 class CorruptBlockError(StoreError):
     """Stored bytes do not match their checksum; ``bad_blocks`` lists them."""
 
-    def __init__(self, message: str, bad_blocks: list | None = None) -> None:  # type: ignore[type-arg]
+    def __init__(self, message: str, bad_blocks: list | None = None) -> None:
         super().__init__(message)
         self.bad_blocks = list(bad_blocks or [])
 

@@ -40,9 +40,10 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from tiermem.chunkio import os_reason, pread_exact
 from tiermem.errors import ConfigError, StoreError, StoreFormatError
@@ -267,7 +268,7 @@ def default_chunk_rows(spec: TableSpec) -> int:
 # writing
 
 
-def _array_meta(shape: tuple[int, int], chunk_rows: int, dtype: np.dtype) -> dict[str, Any]:
+def _array_meta(shape: tuple[int, int], chunk_rows: int, dtype: npt.DTypeLike) -> dict[str, Any]:
     """zarr v3 array metadata for an uncompressed, row-chunked little-endian array."""
     return {
         "zarr_format": 3,
@@ -393,6 +394,7 @@ class StoreWriter:
                 f"table {name!r}: writing {block.shape[0]} rows after {self.rows_written(name)}"
                 f" exceeds its {s.rows} rows"
             )
+        qp: np.ndarray | None
         if qparams is not None:
             if not s.dtype.quantized or block.dtype != np.int8:
                 raise ConfigError(f"table {name!r}: qparams only go with int8 blocks of an "
@@ -424,7 +426,8 @@ class StoreWriter:
         cr = self._chunk_rows[name]
         while self._pending_rows[name] >= cr or (final and self._pending_rows[name] > 0):
             take = min(cr, self._pending_rows[name])
-            ws, qs = [], []
+            ws: list[np.ndarray] = []
+            qs: list[np.ndarray | None] = []
             need = take
             while need:
                 w, q = self._pending[name][0]
@@ -447,7 +450,8 @@ class StoreWriter:
             self._write_chunk(base / "weight_sums" / "c" / str(i) / "0", chunk_sums(w)[None])
             self._write_row_sums(name, "weight", i, w, s.row_bytes)
             if s.dtype.quantized:
-                q = np.concatenate(qs) if len(qs) > 1 else qs[0]
+                qparts = cast("list[np.ndarray]", qs)  # an int8 table's blocks all hold qparams
+                q = np.concatenate(qparts) if len(qparts) > 1 else qparts[0]
                 if take < cr:
                     q = np.concatenate([q, np.zeros((cr - take, 2), np.float32)])
                 self._write_chunk(base / "qparams" / "c" / str(i) / "0", q)
@@ -472,7 +476,7 @@ class StoreWriter:
         if data.dtype.byteorder == ">":
             data = data.astype(data.dtype.newbyteorder("<"))
         with open(path, "wb") as f:
-            f.write(memoryview(data).cast("B"))
+            f.write(data.data.cast("B"))
 
     def commit(self) -> StoreInfo:
         """Finish: check completeness, write metadata, fsync, rename into place."""
@@ -539,7 +543,7 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale_temps(target: Path) -> list[Path]:
     """Remove what interrupted writes of ``target`` left (``.NAME.tmp-PID-*``, ``.NAME.old-PID-*``)
     whose process is gone; a live writer's folder is kept. Returns the removed paths."""
-    removed = []
+    removed: list[Path] = []
     pat = re.compile(rf"^\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)-[A-Za-z0-9_]+$")
     try:
         entries = list(os.scandir(target.parent))
@@ -834,11 +838,12 @@ def open_store(path: str | os.PathLike[str], *, check_chunks: bool = True) -> St
             if qdir is not None:
                 _check_chunks(qdir, info.n_chunks, chunk_rows * 8, real_root)
             for arr, rb in (("weight", spec.row_bytes), ("qparams", 8)):
-                if sums[arr] is not None:
-                    _check_chunks(sums[arr], info.n_chunks, 8 * blocks_per_chunk(chunk_rows * rb),
+                block_dir, row_dir = sums[arr], sums.get(arr + "_rows")
+                if block_dir is not None:
+                    _check_chunks(block_dir, info.n_chunks, 8 * blocks_per_chunk(chunk_rows * rb),
                                   real_root, what="checksum file")
-                if sums.get(arr + "_rows") is not None:
-                    _check_chunks(sums[arr + "_rows"], info.n_chunks, 4 * chunk_rows, real_root,
+                if row_dir is not None:
+                    _check_chunks(row_dir, info.n_chunks, 4 * chunk_rows, real_root,
                                   what="row checksum file")
         infos.append(info)
     return StoreInfo(root, tuple(infos), meta.get("attrs", {}), version=int(version))
@@ -870,8 +875,8 @@ def read_rows_into(t: TableInfo, start: int, stop: int, w: np.ndarray,
     start, stop = start + t.row_offset, stop + t.row_offset
     cr = t.chunk_rows
     rb = t.spec.row_bytes
-    wv = memoryview(w.reshape(-1).view(np.uint8))
-    qv = memoryview(q.reshape(-1).view(np.uint8)) if q is not None else None
+    wv = w.reshape(-1).view(np.uint8).data
+    qv = q.reshape(-1).view(np.uint8).data if q is not None else None
     pos = start
     while pos < stop:
         c = pos // cr

@@ -143,7 +143,7 @@ def _check_range(t, what: str, chunk_path, rb: int, sums: np.ndarray,  # type: i
         buf = np.empty(BLOCK_BYTES, np.uint8)
         with open(chunk_path(c), "rb") as f:
             f.seek(blk0)
-            got = f.readinto(memoryview(buf)[: blk1 - blk0])
+            got = f.readinto(buf.data[: blk1 - blk0])
         lo, hi = max(a, blk0), min(b, blk1)  # the part held in memory wins
         buf[lo - blk0:hi - blk0] = region8[lo - a:hi - a]
         n = blk1 - blk0 if got == blk1 - blk0 else got
@@ -253,7 +253,7 @@ def load_row_sums(t, what: str) -> np.ndarray | None:  # type: ignore[no-untyped
         p = d / "c" / str(c) / "0"
         part = out[(c - t.first_chunk) * cr:(c - t.first_chunk + 1) * cr]
         with open(p, "rb") as f:
-            got = f.readinto(memoryview(part).cast("B"))
+            got = f.readinto(part.data.cast("B"))
         if got != cr * 4 or c >= len(want) or file_sum(part) != want[c]:
             raise CorruptBlockError(
                 f"table {t.name!r} {what}: the row checksums of rows {c * cr}-{(c + 1) * cr - 1}"
@@ -277,7 +277,7 @@ def scrub(store, on_bytes: Callable[[int], None] | None = None  # type: ignore[n
                 with open(path, "rb", buffering=0) as f:
                     pos = 0
                     while True:
-                        got = f.readinto(memoryview(buf))
+                        got = f.readinto(buf.data)
                         if not got:
                             break
                         n_blk = block_hashes(b64_all, buf, got, sums_piece)

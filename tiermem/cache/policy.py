@@ -440,7 +440,7 @@ class CachePolicy:
                            sc.lookup_slot, sc.uslots, sc.ucounts,
                            sc.mkeys, sc.mcounts, sc.mslots, sc.hkey, sc.hval, sc.hstamp,
                            np.int64(sc.stamp), sc.order, sc.ev_keys, sc.ev_slots, sc.tstats)
-        nu, nm, nev, nwait, nuseful = (int(x) for x in out)  # type: ignore[union-attr]
+        nu, nm, nev, nwait, nuseful = (int(x) for x in out)
         sc.nu, sc.nm, sc.nev = nu, nm, nev
         return nu, nm, nev, nwait, nuseful
 
@@ -468,7 +468,7 @@ class CachePolicy:
             ok, nu, nuseful = _resolve_resident(
                 self._st, values, offsets, np.int64(batch_size), base, ready, prefetched,
                 bool(check_ready), bool(check_prefetched), scratch.lookup_slot,
-                scratch.tstats)  # type: ignore[misc]
+                scratch.tstats)
         if ok:
             scratch.nu, scratch.nm, scratch.nev = int(nu), 0, 0
         return bool(ok), int(nu), int(nuseful)
@@ -838,7 +838,7 @@ def make_policy(name: str | Policy, capacity: int, *, admission: str | None = No
             raise ConfigError("The static policy admits nothing: admission must be None.")
         p: CachePolicy = StaticPolicy(capacity, seed=seed)
     else:
-        dyn = pol
+        dyn: Policy = pol
         if pol is Policy.HYBRID:
             dyn = _policy_name(dynamic, "dynamic policy")
             if dyn not in _DYNAMIC:

@@ -59,7 +59,8 @@ def kernel_census() -> KernelCensus:
 
 def max_threads() -> int:
     """Most threads a parallel kernel can use (NUMBA_NUM_THREADS, the core count)."""
-    return int(numba.config.NUMBA_NUM_THREADS)
+    # (set from the environment at import: numba.config's stubs do not list it)
+    return int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
 
 
 def current_threads() -> int:

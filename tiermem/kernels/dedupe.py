@@ -15,7 +15,7 @@ _EMPTY = -1
 
 
 @njit(**SERIAL)
-def dedupe_first(ids):  # type: ignore[no-untyped-def]
+def dedupe_first(ids):
     """``(uniq, inverse, counts)``: distinct ids in first-occurrence order.
 
     ``uniq[inverse[i]] == ids[i]``; ``counts[k]`` is how often ``uniq[k]``
@@ -55,7 +55,7 @@ def dedupe_first(ids):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL)
-def offset_ids(values, offsets, batch_size, base):  # type: ignore[no-untyped-def]
+def offset_ids(values, offsets, batch_size, base):
     """Global ids ``base[t] + values[i]`` for a key-major batch of ``len(base)`` tables."""
     out = np.empty(values.size, np.int64)
     for t in range(base.size):

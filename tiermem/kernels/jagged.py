@@ -16,7 +16,7 @@ __all__ = ["finite_copy", "key_major_ids", "merge_key_major"]
 
 
 @njit(**HOLD_GIL)
-def key_major_ids(ids):  # type: ignore[no-untyped-def]
+def key_major_ids(ids):
     """``(B, T)`` ids (one per sample and table) -> ``T * B`` int64, key-major.
 
     Holds the GIL: it runs on the HTTP event loop for one request (see HOLD_GIL).
@@ -30,7 +30,7 @@ def key_major_ids(ids):  # type: ignore[no-untyped-def]
 
 
 @njit(**HOLD_GIL)
-def finite_copy(x):  # type: ignore[no-untyped-def]
+def finite_copy(x):
     """A writable float32 copy of a 2-D float32 array, and whether every value is finite.
 
     Holds the GIL: it runs on the HTTP event loop for one request (see HOLD_GIL).
@@ -48,7 +48,7 @@ def finite_copy(x):  # type: ignore[no-untyped-def]
 
 @njit(**SERIAL)
 def _merge(values, weights, offsets, vbase, obase, bsizes, T, out_values, out_weights,
-           out_offsets):  # type: ignore[no-untyped-def]
+           out_offsets):
     P = bsizes.size
     weighted = out_weights.size > 0  # empty when no part has weights
     pos = 0

@@ -18,7 +18,7 @@ from tiermem.kernels._flags import SERIAL
 
 
 @njit(**SERIAL)
-def _sift_up(heap_key, heap_pri, pos, i):  # type: ignore[no-untyped-def]
+def _sift_up(heap_key, heap_pri, pos, i):
     k = heap_key[i]
     p = heap_pri[i]
     while i > 0:
@@ -35,7 +35,7 @@ def _sift_up(heap_key, heap_pri, pos, i):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL)
-def _sift_down(heap_key, heap_pri, pos, i, size):  # type: ignore[no-untyped-def]
+def _sift_down(heap_key, heap_pri, pos, i, size):
     k = heap_key[i]
     p = heap_pri[i]
     while True:
@@ -56,7 +56,7 @@ def _sift_down(heap_key, heap_pri, pos, i, size):  # type: ignore[no-untyped-def
 
 
 @njit(**SERIAL)
-def _belady(keys, next_use, n_keys, capacity, bypass, hit_out):  # type: ignore[no-untyped-def]
+def _belady(keys, next_use, n_keys, capacity, bypass, hit_out):
     """Simulate OPT; ``hit_out[i] = 1`` where access ``i`` hits. Returns hits.
 
     ``bypass``: on a miss with a full cache, keep the new key out when its own

@@ -66,7 +66,8 @@ the Python wrappers in :mod:`tiermem.cache.policy` turn into exceptions.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import njit, prange, typeof
@@ -222,13 +223,13 @@ class PolicyState(NamedTuple):
 
 
 @njit(**SERIAL, inline="always")
-def _home(key, bits):  # type: ignore[no-untyped-def]
+def _home(key, bits):
     # Fibonacci hashing: consecutive row ids spread over the whole table.
     return np.int64((np.uint64(key) * _GOLDEN) >> np.uint64(64 - bits))
 
 
 @njit(**SERIAL, inline="always")
-def _line(idx, bits, key):  # type: ignore[no-untyped-def]
+def _line(idx, bits, key):
     """The index row ``key`` is found at first: to prefetch it."""
     if idx.shape[1] == 1:
         return np.int64(key)
@@ -236,7 +237,7 @@ def _line(idx, bits, key):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _idx_find(idx, bits, key):  # type: ignore[no-untyped-def]
+def _idx_find(idx, bits, key):
     if idx.shape[1] == 1:  # dense: idx[key, 0] = slot
         return idx[key, 0]
     mask = (np.int64(1) << bits) - 1
@@ -251,7 +252,7 @@ def _idx_find(idx, bits, key):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _idx_insert(idx, bits, key, val):  # type: ignore[no-untyped-def]
+def _idx_insert(idx, bits, key, val):
     # ``key`` must be absent.
     if idx.shape[1] == 1:
         idx[key, 0] = val
@@ -265,7 +266,7 @@ def _idx_insert(idx, bits, key, val):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _idx_delete(idx, bits, key):  # type: ignore[no-untyped-def]
+def _idx_delete(idx, bits, key):
     if idx.shape[1] == 1:
         if idx[key, 0] == -1:
             return False
@@ -303,7 +304,7 @@ def _idx_delete(idx, bits, key):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _mix(x):  # type: ignore[no-untyped-def]
+def _mix(x):
     # splitmix64 finalizer
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -311,7 +312,7 @@ def _mix(x):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _sk_add(sketch, sc, key, c):  # type: ignore[no-untyped-def]
+def _sk_add(sketch, sc, key, c):
     w = np.int64(1) << sc[Q_SKBITS]
     mask = np.uint64(w - 1)
     h1 = _mix(np.uint64(key) ^ np.uint64(sc[Q_SEED]))
@@ -329,7 +330,7 @@ def _sk_add(sketch, sc, key, c):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _sk_est(sketch, sc, key):  # type: ignore[no-untyped-def]
+def _sk_est(sketch, sc, key):
     w = np.int64(1) << sc[Q_SKBITS]
     mask = np.uint64(w - 1)
     h1 = _mix(np.uint64(key) ^ np.uint64(sc[Q_SEED]))
@@ -348,7 +349,7 @@ def _sk_est(sketch, sc, key):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _l_unlink(node, s):  # type: ignore[no-untyped-def]
+def _l_unlink(node, s):
     p = node[s, N_PREV]
     n = node[s, N_NEXT]
     node[p, N_NEXT] = n
@@ -356,7 +357,7 @@ def _l_unlink(node, s):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _l_push_back(node, sent, s):  # type: ignore[no-untyped-def]
+def _l_push_back(node, sent, s):
     # newest end
     p = node[sent, N_PREV]
     node[p, N_NEXT] = s
@@ -366,7 +367,7 @@ def _l_push_back(node, sent, s):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _l_push_front(node, sent, s):  # type: ignore[no-untyped-def]
+def _l_push_front(node, sent, s):
     # oldest (eviction) end
     n = node[sent, N_NEXT]
     node[n, N_PREV] = s
@@ -376,14 +377,14 @@ def _l_push_front(node, sent, s):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _h_less(node, a, b):  # type: ignore[no-untyped-def]
+def _h_less(node, a, b):
     ca = node[a, N_CNT]
     cb = node[b, N_CNT]
     return ca < cb or (ca == cb and node[a, N_SEQ] < node[b, N_SEQ])
 
 
 @njit(**SERIAL, inline="always")
-def _h_up(node, work, p):  # type: ignore[no-untyped-def]
+def _h_up(node, work, p):
     s = work[W_HEAP, p]
     while p > 0:
         q = (p - 1) >> 1
@@ -399,7 +400,7 @@ def _h_up(node, work, p):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _h_down(node, work, n, p):  # type: ignore[no-untyped-def]
+def _h_down(node, work, n, p):
     s = work[W_HEAP, p]
     while True:
         c = 2 * p + 1
@@ -419,7 +420,7 @@ def _h_down(node, work, n, p):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _h_push(node, work, sc, s):  # type: ignore[no-untyped-def]
+def _h_push(node, work, sc, s):
     n = sc[M_HSIZE]
     work[W_HEAP, n] = s
     node[s, N_HPOS] = n
@@ -428,7 +429,7 @@ def _h_push(node, work, sc, s):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _h_remove(node, work, sc, s):  # type: ignore[no-untyped-def]
+def _h_remove(node, work, sc, s):
     p = node[s, N_HPOS]
     if p < 0:
         return
@@ -449,7 +450,7 @@ def _h_remove(node, work, sc, s):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _idx_update(idx, bits, key, val):  # type: ignore[no-untyped-def]
+def _idx_update(idx, bits, key, val):
     # ``key`` must be present.
     if idx.shape[1] == 1:
         idx[key, 0] = val
@@ -462,7 +463,7 @@ def _idx_update(idx, bits, key, val):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _ghost_add(ghost, gidx, sc, key):  # type: ignore[no-untyped-def]
+def _ghost_add(ghost, gidx, sc, key):
     # The ghost is a FIFO of at most Q_GCAP live keys in a ring of 2 * Q_GCAP
     # entries between M_GTAIL (oldest) and M_GHEAD; keys taken out by a
     # re-admission leave holes (-1), squeezed out when the ring fills up.
@@ -499,7 +500,7 @@ def _ghost_add(ghost, gidx, sc, key):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _ghost_take(ghost, gidx, sc, key):  # type: ignore[no-untyped-def]
+def _ghost_take(ghost, gidx, sc, key):
     """Remove ``key`` from the ghost queue; True if it was there."""
     gbits = sc[Q_GBITS]
     g = _idx_find(gidx, gbits, key)
@@ -517,12 +518,12 @@ def _ghost_take(ghost, gidx, sc, key):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _protected(node, s, epoch):  # type: ignore[no-untyped-def]
+def _protected(node, s, epoch):
     return node[s, N_MARK] == epoch or node[s, N_PINS] > 0
 
 
 @njit(**SERIAL, inline="always")
-def _attach(node, work, ghost, gidx, sc, s, key, c):  # type: ignore[no-untyped-def]
+def _attach(node, work, ghost, gidx, sc, s, key, c):
     """Enter a newly admitted key (slot ``s``, ``c`` occurrences) into the policy."""
     pol = sc[Q_POLICY]
     cap = work.shape[1]
@@ -552,7 +553,7 @@ def _attach(node, work, ghost, gidx, sc, s, key, c):  # type: ignore[no-untyped-
 
 
 @njit(**SERIAL, inline="always")
-def _detach(node, work, sc, s):  # type: ignore[no-untyped-def]
+def _detach(node, work, sc, s):
     """Take slot ``s`` out of the policy's structures (it must be in them)."""
     pol = sc[Q_POLICY]
     if pol == P_LRU or pol == P_FIFO:
@@ -572,7 +573,7 @@ def _detach(node, work, sc, s):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _touch(node, work, sc, pol, s, c):  # type: ignore[no-untyped-def]
+def _touch(node, work, sc, pol, s, c):
     if pol == P_LRU:
         cap = work.shape[1]
         # unlink + push_back, skipped when already the newest
@@ -593,14 +594,14 @@ def _touch(node, work, sc, pol, s, c):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _aside(work, sc, s):  # type: ignore[no-untyped-def]
+def _aside(work, sc, s):
     n = sc[M_NASIDE]
     work[W_ASIDE, n] = s
     sc[M_NASIDE] = n + 1
 
 
 @njit(**SERIAL, inline="always")
-def _restore(node, work, sc):  # type: ignore[no-untyped-def]
+def _restore(node, work, sc):
     """Put back the entries lifted aside during the call, where they were."""
     n = sc[M_NASIDE]
     if n == 0:
@@ -624,7 +625,7 @@ def _restore(node, work, sc):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _s3_scan_small(node, work, sc, epoch):  # type: ignore[no-untyped-def]
+def _s3_scan_small(node, work, sc, epoch):
     # Algorithm 1 EVICTS: the oldest small-queue entry moves to the main
     # queue if it was read more than once (freq > 1), else it is the victim.
     cap = work.shape[1]
@@ -647,7 +648,7 @@ def _s3_scan_small(node, work, sc, epoch):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _s3_scan_main(node, work, sc, epoch):  # type: ignore[no-untyped-def]
+def _s3_scan_main(node, work, sc, epoch):
     # Algorithm 1 EVICTM: reinsert read entries at the head with freq - 1.
     sent = work.shape[1] + 1
     while True:
@@ -667,7 +668,7 @@ def _s3_scan_main(node, work, sc, epoch):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _victim(node, work, sc, epoch):  # type: ignore[no-untyped-def]
+def _victim(node, work, sc, epoch):
     """The next slot the policy would evict (left in place), or -1."""
     pol = sc[Q_POLICY]
     cap = work.shape[1]
@@ -725,7 +726,7 @@ def _victim(node, work, sc, epoch):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _evict(idx, node, work, ghost, gidx, sc, s):  # type: ignore[no-untyped-def]
+def _evict(idx, node, work, ghost, gidx, sc, s):
     """Evict the victim in slot ``s``: out of the policy and the index."""
     key = node[s, N_KEY]
     pol = sc[Q_POLICY]
@@ -741,7 +742,7 @@ def _evict(idx, node, work, ghost, gidx, sc, s):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _take_free(work, sc):  # type: ignore[no-untyped-def]
+def _take_free(work, sc):
     nfree = sc[M_NFREE]
     if nfree == 0:
         return np.int64(-1)
@@ -750,7 +751,7 @@ def _take_free(work, sc):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _place(idx, node, work, ghost, gidx, sketch, sc, key, c, epoch, use_filter,  # type: ignore[no-untyped-def]
+def _place(idx, node, work, ghost, gidx, sketch, sc, key, c, epoch, use_filter,
            ev_keys, ev_slots, nev):
     """Admit a missing key: free slot, or evict the victim. Returns (slot, nev, outcome)."""
     s = _take_free(work, sc)
@@ -778,7 +779,7 @@ def _place(idx, node, work, ghost, gidx, sketch, sc, key, c, epoch, use_filter, 
 
 
 @njit(**SERIAL, inline="always")
-def _lfu_age(node, work, sc, added):  # type: ignore[no-untyped-def]
+def _lfu_age(node, work, sc, added):
     period = sc[Q_AGING]
     if period <= 0:
         return
@@ -799,7 +800,7 @@ def _lfu_age(node, work, sc, added):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _find_all(idx, bits, keys, slots):  # type: ignore[no-untyped-def]
+def _find_all(idx, bits, keys, slots):
     # Independent probes: prefetch the index line _PF keys ahead.
     n = keys.size
     for i in range(n):
@@ -809,7 +810,7 @@ def _find_all(idx, bits, keys, slots):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL, inline="always")
-def _prefetch_victims(idx, node, bits, pol, cap, hand):  # type: ignore[no-untyped-def]
+def _prefetch_victims(idx, node, bits, pol, cap, hand):
     """Prefetch what the next evictions will touch (a hint: stale is harmless).
 
     Queue policies evict from the oldest end: the second-oldest entry's
@@ -841,14 +842,14 @@ def _prefetch_victims(idx, node, bits, pol, cap, hand):  # type: ignore[no-untyp
 
 
 @njit(**SERIAL)
-def policy_lookup(st, keys, slots):  # type: ignore[no-untyped-def]
+def policy_lookup(st, keys, slots):
     """Peek: ``slots[i]`` = slot of ``keys[i]`` or -1. No state change."""
     idx = st.idx
     _find_all(idx, st.sc[Q_BITS], keys, slots)
 
 
 @njit(**SERIAL)
-def policy_access(st, keys, counts, slots, hit, ev_keys, ev_slots):  # type: ignore[no-untyped-def]
+def policy_access(st, keys, counts, slots, hit, ev_keys, ev_slots):
     """Batch get-or-set of unique ``keys``; returns ``(n_evicted, first_duplicate)``.
 
     ``counts`` of size 0 means one occurrence per key. ``first_duplicate`` is
@@ -865,7 +866,7 @@ def policy_access(st, keys, counts, slots, hit, ev_keys, ev_slots):  # type: ign
     has_counts = counts.size > 0
     total = np.int64(n)
     if has_counts:
-        total = 0
+        total = np.int64(0)
         for i in range(n):
             total += counts[i]
     if sc[Q_TINYLFU] != 0:
@@ -938,7 +939,7 @@ def policy_access(st, keys, counts, slots, hit, ev_keys, ev_slots):  # type: ign
 
 
 @njit(**SERIAL)
-def policy_insert(st, keys, slots, hit, ev_keys, ev_slots):  # type: ignore[no-untyped-def]
+def policy_insert(st, keys, slots, hit, ev_keys, ev_slots):
     """Admit ``keys`` as misses without counting hits/misses (prefetch).
 
     Resident keys are left untouched (``hit`` True) but protected for the
@@ -985,7 +986,7 @@ def policy_insert(st, keys, slots, hit, ev_keys, ev_slots):  # type: ignore[no-u
 
 
 @njit(**SERIAL)
-def policy_remove(st, keys):  # type: ignore[no-untyped-def]
+def policy_remove(st, keys):
     """Invalidate ``keys`` (absent ones are ignored); returns how many were resident."""
     idx, node, work, ghost, gidx, sketch, sc = st
     bits = sc[Q_BITS]
@@ -1009,7 +1010,7 @@ def policy_remove(st, keys):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL)
-def policy_pin(st, slots):  # type: ignore[no-untyped-def]
+def policy_pin(st, slots):
     """pins[s] += 1 for every slot >= 0."""
     node = st.node
     for j in range(slots.size):
@@ -1019,7 +1020,7 @@ def policy_pin(st, slots):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL)
-def policy_unpin(st, slots):  # type: ignore[no-untyped-def]
+def policy_unpin(st, slots):
     """pins[s] -= 1 for every slot >= 0; all or nothing.
 
     Returns -1, or the index of the first slot whose count would go below 0
@@ -1039,7 +1040,7 @@ def policy_unpin(st, slots):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL)
-def policy_pin_static(st, keys, slots, ev_keys, ev_slots):  # type: ignore[no-untyped-def]
+def policy_pin_static(st, keys, slots, ev_keys, ev_slots):
     """Pin unique ``keys`` permanently; returns ``(n_evicted, first_failed)``.
 
     Resident keys keep their slot and leave the dynamic policy; the others
@@ -1096,7 +1097,7 @@ def policy_pin_static(st, keys, slots, ev_keys, ev_slots):  # type: ignore[no-un
 
 
 @njit(**SERIAL)
-def cache_resolve(st, values, offsets, batch_size, base, ready, prefetched, check_ready,  # type: ignore[no-untyped-def]
+def cache_resolve(st, values, offsets, batch_size, base, ready, prefetched, check_ready,
                   check_prefetched, upos, lookup_slot, uslots, ucounts, mkeys, mcounts, mslots,
                   hkey, hval, hstamp, stamp, order, ev_keys, ev_slots, tstats):
     """The cache's whole batch step in one call: ``policy_access`` of the batch's ids.
@@ -1266,7 +1267,7 @@ _RESIDENT_CHUNK = 4096
 
 
 @njit(**PARALLEL)
-def cache_resolve_resident(st, values, offsets, batch_size, base, ready, prefetched,  # type: ignore[no-untyped-def]
+def cache_resolve_resident(st, values, offsets, batch_size, base, ready, prefetched,
                            check_ready, check_prefetched, lookup_slot, tstats):
     """:func:`cache_resolve` of a batch whose every row is resident, on all threads.
 
@@ -1373,15 +1374,16 @@ class FastCall:
 
     __slots__ = ("_disp", "_ep")
 
-    def __init__(self, dispatcher: object) -> None:
+    def __init__(self, dispatcher: Callable[..., Any]) -> None:
         self._disp = dispatcher
-        self._ep: object = None
+        self._ep: Callable[..., Any] | None = None
 
-    def __call__(self, *args: object) -> object:
+    def __call__(self, *args: object) -> Any:
+        """The kernel's result (untyped: what the Numba function returns)."""
         ep = self._ep
         if ep is not None:
-            return ep(*args)  # type: ignore[operator]
-        out = self._disp(*args)  # type: ignore[operator]
+            return ep(*args)
+        out = self._disp(*args)
         overloads = getattr(self._disp, "overloads", None)
         if overloads is None:  # NUMBA_DISABLE_JIT: a plain function
             self._ep = self._disp

@@ -18,10 +18,19 @@ its reads are widened to whole blocks and each block is checked there.
 
 from __future__ import annotations
 
+import ctypes
+import os
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar, cast
+
 import numpy as np
 from numba import njit, types
+from numba.core.typing import Signature
 
-from tiermem.kernels._flags import SERIAL
+from tiermem.kernels._flags import JIT_DISABLED, SERIAL
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 #: bytes covered by one checksum
 BLOCK_BYTES = 4096
@@ -34,14 +43,34 @@ _P4 = np.uint64(0xC4CEB9FE1A85EC53)
 # baked into the code), so the kernels that call them are cached across processes like
 # every other kernel. Buffers go in as integer addresses: Numba turns an int into a
 # void* argument, and on x86-64/aarch64 a pointer and a size_t share one register.
-_pread = types.ExternalFunction(
-    "pread", types.intp(types.intc, types.voidptr, types.uintp, types.int64))
-_memcpy = types.ExternalFunction(
-    "memcpy", types.voidptr(types.voidptr, types.voidptr, types.uintp))
+def _libc(name: str, sig: Signature, python: Callable[_P, _R]) -> Callable[_P, _R]:
+    """libc's ``name`` as the kernels call it; with the JIT off, ``python`` (the same call)."""
+    if JIT_DISABLED:
+        return python
+    return cast(Callable[_P, _R], types.ExternalFunction(name, sig))
+
+
+def _py_pread(fd: int, addr: int, nbytes: int, offset: int) -> int:
+    """(The kernels pass numpy integers: ctypes takes Python ints only.)"""
+    try:
+        buf = (ctypes.c_char * int(nbytes)).from_address(int(addr))
+        return os.preadv(int(fd), [buf], int(offset))
+    except OSError:
+        return -1
+
+
+def _py_memcpy(dst: int, src: int, nbytes: int) -> int:
+    ctypes.memmove(int(dst), int(src), int(nbytes))
+    return dst
+
+
+_pread = _libc("pread", types.intp(types.intc, types.voidptr, types.uintp, types.int64),
+               _py_pread)
+_memcpy = _libc("memcpy", types.voidptr(types.voidptr, types.voidptr, types.uintp), _py_memcpy)
 
 
 @njit(**SERIAL)
-def dedupe_sorted(ids):  # type: ignore[no-untyped-def]
+def dedupe_sorted(ids):
     """Unique ids (sorted) and, for each input id, its position in them."""
     n = ids.size
     order = np.argsort(ids, kind="quicksort")
@@ -60,7 +89,7 @@ def dedupe_sorted(ids):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL)
-def plan_extents(rows, chunk_rows, row_bytes, gap_bytes, max_extent_bytes):  # type: ignore[no-untyped-def]
+def plan_extents(rows, chunk_rows, row_bytes, gap_bytes, max_extent_bytes):
     """Group sorted unique ``rows`` into reads.
 
     Returns ``(chunk, first, nrows, u0)`` per extent: chunk file index, first
@@ -96,7 +125,7 @@ def plan_extents(rows, chunk_rows, row_bytes, gap_bytes, max_extent_bytes):  # t
 
 
 @njit(**SERIAL)
-def _pread_full(fd, addr, nbytes, offset):  # type: ignore[no-untyped-def]
+def _pread_full(fd, addr, nbytes, offset):
     got = 0
     while got < nbytes:
         r = _pread(fd, addr + got, nbytes - got, offset + got)
@@ -107,7 +136,7 @@ def _pread_full(fd, addr, nbytes, offset):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL)
-def pread_scatter(ext_fd, ext_off, ext_len, ext_u0, row_src, row_dst, row_nb, scratch,  # type: ignore[no-untyped-def]
+def pread_scatter(ext_fd, ext_off, ext_len, ext_u0, row_src, row_dst, row_nb, scratch,
                   e_start, e_stop, align, ext_sum0, sums, scratch64, row_sum_at, row_sums,
                   rowbuf, rowbuf64):
     """Read extents ``[e_start, e_stop)`` of a whole batch's plan; rows land at their addresses.
@@ -168,13 +197,13 @@ def pread_scatter(ext_fd, ext_off, ext_len, ext_u0, row_src, row_dst, row_nb, sc
 
 
 @njit(**SERIAL, inline="always")
-def _round(acc, word):  # type: ignore[no-untyped-def]
+def _round(acc, word):
     x = (acc ^ word) * _P1
     return (x << np.uint64(31)) | (x >> np.uint64(33))
 
 
 @njit(**SERIAL)
-def block_hash(b64, b8, off, nbytes):  # type: ignore[no-untyped-def]
+def block_hash(b64, b8, off, nbytes):
     """The "tmh64" checksum of the ``nbytes`` bytes at byte ``off`` of a buffer.
 
     ``b8`` is the buffer as uint8 and ``b64`` the same memory as uint64
@@ -233,7 +262,7 @@ def block_hash(b64, b8, off, nbytes):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL)
-def block_hashes(b64, b8, nbytes, out):  # type: ignore[no-untyped-def]
+def block_hashes(b64, b8, nbytes, out):
     """Checksums of the blocks of the first ``nbytes`` bytes (the last block may be short)."""
     n = (nbytes + BLOCK_BYTES - 1) // BLOCK_BYTES
     for k in range(n):
@@ -242,7 +271,7 @@ def block_hashes(b64, b8, nbytes, out):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL)
-def first_bad_block(b64, b8, nbytes, sums, s0):  # type: ignore[no-untyped-def]
+def first_bad_block(b64, b8, nbytes, sums, s0):
     """The first block of the buffer whose checksum is not ``sums[s0 + k]``, or -1."""
     n = (nbytes + BLOCK_BYTES - 1) // BLOCK_BYTES
     for k in range(n):
@@ -253,7 +282,7 @@ def first_bad_block(b64, b8, nbytes, sums, s0):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL)
-def row_hash(b8, b64, off, nbytes, tmp8, tmp64):  # type: ignore[no-untyped-def]
+def row_hash(b8, b64, off, nbytes, tmp8, tmp64):
     """The row checksum of the ``nbytes`` bytes at byte ``off``: the low 32 bits of their
     tmh64 (copied to ``tmp8``, 8-byte aligned, when ``off`` is not)."""
     if off % 8 == 0:
@@ -266,7 +295,7 @@ def row_hash(b8, b64, off, nbytes, tmp8, tmp64):  # type: ignore[no-untyped-def]
 
 
 @njit(**SERIAL)
-def row_hashes(b8, b64, row_bytes, n_rows, tmp8, tmp64, out):  # type: ignore[no-untyped-def]
+def row_hashes(b8, b64, row_bytes, n_rows, tmp8, tmp64, out):
     """Row checksums of ``n_rows`` consecutive rows of ``row_bytes`` bytes from byte 0."""
     for r in range(n_rows):
         out[r] = row_hash(b8, b64, r * row_bytes, row_bytes, tmp8, tmp64)

@@ -84,16 +84,24 @@ _CHUNKS_PER_THREAD = 8
 _PARALLEL_MIN_WORK = 2048
 
 
-def _prefetch_rows(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]
-    raise NotImplementedError  # pragma: no cover
+def _as_python(typer, *args):
+    """With the JIT off, run an ``@overload``: the implementation ``typer`` picks for the
+    arguments' Numba types, called in plain Python."""
+    return typer(*(numba.typeof(a) for a in args))(*args)
 
 
-@overload(_prefetch_rows, jit_options=SERIAL)
-def _prefetch_rows_impl(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]
+# (numba's stubs type jit_options as njit's options but cache and boundscheck, which
+# overload passes on to njit as well)
+def _prefetch_rows(W, Q, ids, i0, i1, base, aligned):
+    return _as_python(_prefetch_rows_impl, W, Q, ids, i0, i1, base, aligned)
+
+
+@overload(_prefetch_rows, jit_options=SERIAL)  # type: ignore[arg-type]
+def _prefetch_rows_impl(W, Q, ids, i0, i1, base, aligned):
     """Prefetch (into L2) the rows ``base + ids[i0:i1]`` (and their (scale, bias))."""
     quant = str(W.dtype) == "int8"
 
-    def impl(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-untyped-def]
+    def impl(W, Q, ids, i0, i1, base, aligned):
         row_bytes = W.shape[1] * W.itemsize
         for p in range(i0, i1):
             rp = base + ids[p]
@@ -108,13 +116,14 @@ def _prefetch_rows_impl(W, Q, ids, i0, i1, base, aligned):  # type: ignore[no-un
 
 
 def _pool_segment(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
-                  acc, D):  # type: ignore[no-untyped-def]  # pragma: no cover
-    raise NotImplementedError
+                  acc, D):
+    return _as_python(_pool_segment_impl, W, Q, ids, offsets, ja, jb, base, out, b0, cb,
+                      weights, mean, pd, aligned, acc, D)
 
 
-@overload(_pool_segment, jit_options=SERIAL)
+@overload(_pool_segment, jit_options=SERIAL)  # type: ignore[arg-type]
 def _pool_segment_impl(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
-                       acc, D):  # type: ignore[no-untyped-def]
+                       acc, D):
     """Pool bags ``ja:jb`` of one table (arena rows ``base + ids``) into ``out[b0:, cb:]``."""
     kind = str(W.dtype)
     quant = kind == "int8"
@@ -131,7 +140,7 @@ def _pool_segment_impl(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, m
         n_lines = (row_bytes + _LINE - 1) // _LINE
 
         def seg_const(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
-                      acc, D):  # type: ignore[no-untyped-def]
+                      acc, D):
             i_end = offsets[jb]
             if pd > 0:  # the first pd rows; then one row pd lookups ahead per lookup
                 i0 = offsets[ja]
@@ -178,7 +187,7 @@ def _pool_segment_impl(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, m
         return seg_const
 
     def seg_var(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, mean, pd, aligned,
-                acc, D):  # type: ignore[no-untyped-def]
+                acc, D):
         n = W.shape[1]
         nb = n * itemsize
         i_end = offsets[jb]
@@ -239,7 +248,7 @@ def _pool_segment_impl(W, Q, ids, offsets, ja, jb, base, out, b0, cb, weights, m
 
 
 @njit(**SERIAL)
-def _chunk_start(offsets, c, nc):  # type: ignore[no-untyped-def]
+def _chunk_start(offsets, c, nc):
     """First bag of chunk ``c`` of ``nc``, balancing lookups + bags (work ~ both)."""
     n_bags = offsets.size - 1
     if c <= 0:
@@ -261,7 +270,7 @@ def _chunk_start(offsets, c, nc):  # type: ignore[no-untyped-def]
 
 @njit(**SERIAL)
 def _pool_chunks(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
-                 counter, nc, D):  # type: ignore[no-untyped-def]
+                 counter, nc, D):
     """One thread's share: take chunks of bags from ``counter`` until none is left.
 
     A thread claims its next chunk as it starts one and prefetches that chunk's first
@@ -300,7 +309,7 @@ _OK, _BAD_OFFSET_ENDS, _BAD_COL_BASE, _BAD_N_COL_BASE, _BAD_N_OFFSETS, _BAD_OUT_
 
 @njit(**SERIAL)
 def _check_batch(W, ids, offsets, row_base, batch_size, col_base, weights,
-                 out):  # type: ignore[no-untyped-def]
+                 out):
     """The value checks numpy would make one call each (sizes, offsets' ends, column
     ranges), done inside the kernel's own call: each numpy call from Python costs a
     microsecond or more, a sizeable share of a 2048-lookup batch."""
@@ -324,7 +333,7 @@ def _check_batch(W, ids, offsets, row_base, batch_size, col_base, weights,
 
 @njit(**PARALLEL)
 def _pool_parallel(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
-                   n_threads, n_chunks, D):  # type: ignore[no-untyped-def]
+                   n_threads, n_chunks, D):
     """Check the batch (:func:`_check_batch`), then pool it on ``n_threads`` threads.
 
     ``D``: a width token (compile-time constant) or an int (run-time width).
@@ -346,7 +355,7 @@ def _pool_parallel(W, Q, ids, offsets, row_base, batch_size, col_base, weights, 
 
 @njit(**SERIAL)
 def _pool_serial(W, Q, ids, offsets, row_base, batch_size, col_base, weights, mean, out, pd,
-                 D):  # type: ignore[no-untyped-def]
+                 D):
     """Check the batch, then pool it on the calling thread (no parallel region to
     launch). A separate entry from :func:`_pool_parallel` so that a process that only
     runs small batches never compiles the parallel kernel."""
@@ -360,7 +369,7 @@ def _pool_serial(W, Q, ids, offsets, row_base, batch_size, col_base, weights, me
 
 
 @njit(**SERIAL)
-def _gather_chunk(W, ids, i0, i1, pd, scratch, D):  # type: ignore[no-untyped-def]
+def _gather_chunk(W, ids, i0, i1, pd, scratch, D):
     """Sum of the rows ``W[ids[i0:i1]]`` (float32 or float16 bits), prefetched as the
     pooling kernels prefetch, and nothing else: no bags, no stores."""
     row_bytes = W.shape[1] * W.itemsize
@@ -378,7 +387,7 @@ def _gather_chunk(W, ids, i0, i1, pd, scratch, D):  # type: ignore[no-untyped-de
 
 
 @njit(**PARALLEL)
-def _gather_parallel(W, ids, pd, n_threads, n_chunks, D):  # type: ignore[no-untyped-def]
+def _gather_parallel(W, ids, pd, n_threads, n_chunks, D):
     """Chunks of ids handed out from an atomic counter (as in :func:`_pool_parallel`)."""
     n = ids.size
     nc = max(1, min(n_chunks, n))
@@ -417,7 +426,7 @@ def _num_threads() -> int:
     """``numba.get_num_threads()`` without its per-call lock once the pool is up (the
     same thread-local value, read by Numba's own accessor; ~1 us -> ~0.2 us)."""
     if getattr(_npar, "_is_initialized", False):
-        n = _npar._get_num_threads()
+        n = _npar._get_num_threads()  # type: ignore[attr-defined]  # internal, not in stubs
         if n > 0:
             return int(n)
     return numba.get_num_threads()  # first call, or a Numba without these internals
@@ -539,8 +548,8 @@ def pool_arena(W: np.ndarray, Q: np.ndarray | None, ids: np.ndarray, offsets: np
 def _vec_ok(a: object, dtype: np.dtype) -> bool:
     """The fast test of what :func:`_check_vec` checks (``is``: numpy's own dtypes of
     native byte order are singletons; any other passes through the full check)."""
-    return (type(a) is np.ndarray and a.dtype is dtype and a.ndim == 1  # type: ignore[union-attr]
-            and a.flags.c_contiguous)  # type: ignore[union-attr]
+    return (type(a) is np.ndarray and a.dtype is dtype and a.ndim == 1
+            and a.flags.c_contiguous)
 
 
 def _check_arena(W: object, Q: object) -> tuple[np.ndarray, np.ndarray | None]:

@@ -22,7 +22,7 @@ ID_OUT_OF_RANGE = 5
 
 
 @njit(**HOLD_GIL)
-def _check_offsets(offsets, nnz):  # type: ignore[no-untyped-def]
+def _check_offsets(offsets, nnz):
     if offsets.size == 0:
         return BAD_LAST_OFFSET, 0, 0
     if offsets[0] != 0:
@@ -37,7 +37,7 @@ def _check_offsets(offsets, nnz):  # type: ignore[no-untyped-def]
 
 
 @njit(**HOLD_GIL)
-def _check_ids(ids, start, stop, n_rows):  # type: ignore[no-untyped-def]
+def _check_ids(ids, start, stop, n_rows):
     for i in range(start, stop):
         v = ids[i]
         if v < 0:
@@ -48,7 +48,7 @@ def _check_ids(ids, start, stop, n_rows):  # type: ignore[no-untyped-def]
 
 
 @njit(**HOLD_GIL)
-def _check_table_ids(ids, offsets, batch, rows):  # type: ignore[no-untyped-def]
+def _check_table_ids(ids, offsets, batch, rows):
     for t in range(rows.size):
         n = rows[t]
         for i in range(offsets[t * batch], offsets[(t + 1) * batch]):

@@ -21,4 +21,4 @@ _TIERS: dict[TierKind, type[Tier]] = {
 def open_tier(store: StoreInfo, config: TierConfig | None = None, **kwargs: object) -> Tier:
     """Open the tier ``config.kind`` over a validated store."""
     config = config or TierConfig()
-    return _TIERS[config.kind](store, config, **kwargs)  # type: ignore[arg-type]
+    return _TIERS[config.kind](store, config, **kwargs)

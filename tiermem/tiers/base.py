@@ -73,14 +73,14 @@ class Tier(ABC):
         """
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} is closed")
-        mode = PoolingMode.parse(mode)
+        pooling = PoolingMode.parse(mode)
         if not isinstance(features, SparseFeatures):
             raise InvalidBatchError(
                 f"features must be a SparseFeatures, got {type(features).__name__}")
         tids = [self.table_index(k) for k in features.keys]
         if validate:
             features.validate_ids([self.tables[i].spec.rows for i in tids])
-        if mode is PoolingMode.MEAN and features.weights is not None:
+        if pooling is PoolingMode.MEAN and features.weights is not None:
             raise InvalidBatchError("per-sample weights are only supported with mode='sum'")
         dims = [self.tables[i].spec.dim for i in tids]
         col = np.zeros(len(dims) + 1, np.int64)
@@ -93,7 +93,7 @@ class Tier(ABC):
                 f"out must be a C-contiguous float32 array of shape {(b, int(col[-1]))}")
         batch_stats = {self.tables[i].name: TableStats() for i in tids}
         for pos, sub in self._groups(features, tids):
-            self._pool_group(sub, [tids[p] for p in pos], col[pos], mode, out, batch_stats)
+            self._pool_group(sub, [tids[p] for p in pos], col[pos], pooling, out, batch_stats)
         for k in features.keys:
             s, e = features.table_range(features.keys.index(k))
             batch_stats[self.tables[self._index[k]].name].lookups += e - s

@@ -238,7 +238,7 @@ class SsdTier(Tier):
             w_sum0, q_sum0 = self._sum0[i]
             w_rs0, q_rs0 = self._rsum0[i]
             targets = [(files.weight, t.spec.row_bytes, w_dst, w_sum0, w_rs0)]
-            if files.qparams is not None and q_dst is not None:
+            if files.qparams is not None and q_dst is not None and q_sum0 is not None:
                 targets.append((files.qparams, 8, q_dst, q_sum0, q_rs0))
             for fds, rb, dst, sum0, rs0 in targets:
                 chunk, first, nrows, u0 = plan_extents(rows, t.chunk_rows, rb,
@@ -344,6 +344,7 @@ class SsdTier(Tier):
         is_w = bool((f.weight == fd).any())
         chunk = int(np.flatnonzero((f.weight if is_w else f.qparams) == fd)[0])
         sums = t.weight_sums if is_w else t.qparams_sums
+        assert sums is not None  # an extent checked by blocks has its file's block sums
         path = t.weight_chunk(chunk) if is_w else t.qparams_chunk(chunk)
         what = "weights" if is_w else "qparams"
         if int(plan[8][int(plan[3][e])]) >= 0:  # checked row by row

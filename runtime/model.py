@@ -26,19 +26,26 @@ with one order gives wrong answers with the other.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from tiermem.config import Choice, ConfigDict
 from tiermem.errors import ConfigError, InvalidBatchError
 
-__all__ = ["INTERACTIONS", "DLRMConfig", "DenseDLRM", "TracedDense", "interaction_indices",
+__all__ = ["DLRMConfig", "DenseDLRM", "Interaction", "TracedDense", "interaction_indices",
            "random_dense"]
 
-INTERACTIONS: tuple[str, ...] = ("dlrm", "torchrec")
-"""Names of the supported interaction orders."""
+
+class Interaction(Choice):
+    """The order of the pairwise dot products (see the module docstring)."""
+
+    DLRM = "dlrm"
+    """Strict lower triangle, row by row (facebookresearch/dlrm)."""
+    TORCHREC = "torchrec"
+    """Strict upper triangle, row by row (torchrec's DLRM)."""
 
 
 def _check_sizes(name: str, sizes: Any) -> tuple[int, ...]:
@@ -58,7 +65,7 @@ def _check_sizes(name: str, sizes: Any) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class DLRMConfig:
+class DLRMConfig(ConfigDict):
     """Shape of the dense part of a DLRM model.
 
     Parameters
@@ -88,7 +95,7 @@ class DLRMConfig:
     num_tables: int
     bottom_mlp: tuple[int, ...]
     top_mlp: tuple[int, ...]
-    interaction: str = "dlrm"
+    interaction: Interaction = Interaction.DLRM
 
     def __post_init__(self) -> None:
         for name in ("num_dense", "embedding_dim", "num_tables"):
@@ -109,11 +116,7 @@ class DLRMConfig:
                 f"Expected the last top_mlp size to be 1 (one logit per sample)."
                 f" Got top_mlp={self.top_mlp!r} instead."
             )
-        if self.interaction not in INTERACTIONS:
-            raise ConfigError(
-                f"Expected interaction to be one of {INTERACTIONS}."
-                f" Got {self.interaction!r} instead."
-            )
+        object.__setattr__(self, "interaction", Interaction.parse(self.interaction))
 
     @property
     def num_interactions(self) -> int:
@@ -125,29 +128,9 @@ class DLRMConfig:
         """Input width of the top MLP, ``embedding_dim + (T + 1) * T / 2``."""
         return self.embedding_dim + self.num_interactions
 
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dict (tuples become lists)."""
-        d = asdict(self)
-        d["bottom_mlp"] = list(self.bottom_mlp)
-        d["top_mlp"] = list(self.top_mlp)
-        return d
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DLRMConfig:
-        """Build a config from :meth:`to_dict` output; unknown keys are an error."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"Expected a dict for DLRMConfig. Got {type(data).__name__} instead.")
-        known = {"num_dense", "embedding_dim", "num_tables", "bottom_mlp", "top_mlp", "interaction"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"Unknown DLRMConfig field(s): {unknown}. Known: {sorted(known)}.")
-        missing = sorted(known - {"interaction"} - set(data))
-        if missing:
-            raise ConfigError(f"Missing DLRMConfig field(s): {missing}.")
-        return cls(**data)
-
-
-def interaction_indices(num_tables: int, interaction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def interaction_indices(num_tables: int, interaction: str | Interaction
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(li, lj)``, the int64 row/column indices of the kept entries of ``Z``.
 
     Parameters
@@ -159,14 +142,10 @@ def interaction_indices(num_tables: int, interaction: str) -> tuple[torch.Tensor
         upper triangle, row-major.
     """
     n = num_tables + 1
-    if interaction == "dlrm":
+    if Interaction.parse(interaction) is Interaction.DLRM:
         idx = torch.tril_indices(n, n, offset=-1)
-    elif interaction == "torchrec":
-        idx = torch.triu_indices(n, n, offset=1)
     else:
-        raise ConfigError(
-            f"Expected interaction to be one of {INTERACTIONS}. Got {interaction!r} instead."
-        )
+        idx = torch.triu_indices(n, n, offset=1)
     return idx[0].contiguous(), idx[1].contiguous()
 
 

@@ -13,7 +13,7 @@ import collections
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +21,7 @@ import torch
 
 from runtime.checkpoint import load_checkpoint
 from runtime.model import DenseDLRM, TracedDense
-from tiermem.config import PoolingMode, TierConfig
+from tiermem.config import ConfigDict, PoolingMode, TierConfig
 from tiermem.errors import ConfigError, InvalidBatchError
 from tiermem.features import SparseFeatures
 from tiermem.format import open_store
@@ -37,7 +37,7 @@ __all__ = ["InferenceSession", "RuntimeConfig"]
 
 
 @dataclass(frozen=True)
-class RuntimeConfig:
+class RuntimeConfig(ConfigDict):
     """How a model and its store are run."""
 
     tier: TierConfig = field(default_factory=TierConfig)
@@ -61,18 +61,19 @@ class RuntimeConfig:
     False: eager torch."""
 
     def __post_init__(self) -> None:
+        # dicts too (from_dict, or typed by hand): the cache modules load only when used
         if isinstance(self.cache, Mapping):
             from tiermem.cache.cache import CacheConfig
 
-            object.__setattr__(self, "cache", CacheConfig(**dict(self.cache)))
+            object.__setattr__(self, "cache", CacheConfig.from_dict(self.cache))
         if isinstance(self.prefetch, Mapping):
             from tiermem.cache.prefetch import PrefetchConfig
 
-            object.__setattr__(self, "prefetch", PrefetchConfig(**dict(self.prefetch)))
+            object.__setattr__(self, "prefetch", PrefetchConfig.from_dict(self.prefetch))
         if self.prefetch is not None and self.cache is None:
             raise ConfigError("RuntimeConfig.prefetch needs a cache (RuntimeConfig.cache)")
         if isinstance(self.tier, Mapping):
-            object.__setattr__(self, "tier", TierConfig.from_dict(dict(self.tier)))
+            object.__setattr__(self, "tier", TierConfig.from_dict(self.tier))
         if not isinstance(self.tier, TierConfig):
             raise ConfigError(f"RuntimeConfig.tier must be a TierConfig, got {self.tier!r}")
         if self.num_threads is not None and self.num_threads != "auto" and (
@@ -84,22 +85,6 @@ class RuntimeConfig:
         if not isinstance(self.trace_dense, bool):
             raise ConfigError(f"RuntimeConfig.trace_dense must be a bool, got "
                               f"{self.trace_dense!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["tier"] = self.tier.to_dict()
-        d["pooling"] = self.pooling.value
-        d["cache"] = None if self.cache is None else self.cache.to_dict()
-        d["prefetch"] = None if self.prefetch is None else asdict(self.prefetch)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RuntimeConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown RuntimeConfig field(s): {sorted(unknown)}")
-        return cls(**d)
 
 
 def batch_features(sparse: SparseFeatures | Mapping[str, Any],

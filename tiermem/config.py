@@ -111,20 +111,47 @@ def _plain(v: Any) -> Any:
 
 
 @functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    """Each field's annotation resolved (None where a name exists only for type checkers,
-    e.g. imported under ``TYPE_CHECKING``: such a value is passed on as given)."""
+def _type_checking_names(module_name: str) -> dict[str, Any]:
+    """The names a module imports under ``if TYPE_CHECKING:`` (to keep its own import
+    light), imported now: annotations such as ``cache: CacheConfig | None`` resolve."""
+    module = sys.modules.get(module_name)
     try:
-        return typing.get_type_hints(cls)
-    except Exception:
+        tree = ast.parse(inspect.getsource(module))  # type: ignore[arg-type]
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    ns: dict[str, Any] = {"__name__": module_name,
+                          "__package__": getattr(module, "__package__", None)}
+    for node in tree.body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in (
+                "TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            for imp in node.body:
+                if isinstance(imp, (ast.Import, ast.ImportFrom)):
+                    try:
+                        exec(compile(ast.Module([imp], []), module_name, "exec"), ns)
+                    except Exception:  # noqa: BLE001 - an optional dependency: unresolved
+                        pass
+    return {k: v for k, v in ns.items() if not k.startswith("__")}
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Each field's annotation resolved (None where it cannot be: such a value is passed
+    on as given, for the class's ``__post_init__`` to check)."""
+    local: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        local.update(_type_checking_names(klass.__module__))
+    try:
+        return typing.get_type_hints(cls, localns=local)
+    except Exception:  # noqa: BLE001 - one field at a time below
         pass
     out: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         ns = vars(sys.modules.get(klass.__module__, object()))
         for name, ann in vars(klass).get("__annotations__", {}).items():
             try:
-                out[name] = eval(ann, ns, dict(vars(klass))) if isinstance(ann, str) else ann
-            except Exception:
+                out[name] = eval(ann, ns, {**local, **vars(klass)}) if isinstance(ann, str) \
+                    else ann
+            except Exception:  # noqa: BLE001
                 out[name] = None
     return out
 

@@ -46,6 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tiermem.chunkio import os_reason, pread_exact
+from tiermem.config import ConfigDict
 from tiermem.errors import ConfigError, StoreError, StoreFormatError
 from tiermem.integrity import BLOCK_BYTES, blocks_per_chunk, chunk_sums, file_sum, row_sums
 from tiermem.integrity import SCHEME as CHECKSUM_SCHEME
@@ -75,7 +76,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 
 
 @dataclass(frozen=True)
-class TableSpec:
+class TableSpec(ConfigDict):
     """Shape and storage type of one embedding table."""
 
     name: str
@@ -107,12 +108,13 @@ class TableSpec:
         extra = 8 * self.rows if self.dtype.quantized else 0
         return self.rows * self.row_bytes + extra
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "rows": self.rows, "dim": self.dim, "dtype": self.dtype.value}
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TableSpec:
-        return cls(name=d["name"], rows=d["rows"], dim=d["dim"], dtype=d.get("dtype", "float32"))
+        """The spec in a table's entry of a store's metadata, which holds more (chunk_rows,
+        checksums): only the spec's own keys are read."""
+        if not isinstance(d, Mapping):
+            return super().from_dict(d)  # names the type
+        return super().from_dict({k: d[k] for k in ("name", "rows", "dim", "dtype") if k in d})
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from tiermem.config import ConfigDict
 from tiermem.errors import ConfigError
 from tiermem.features import SparseFeatures
 from traces.formats.batch import TraceBatch
@@ -236,7 +237,7 @@ class Pooling:
 # -- the generator ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class GeneratorConfig:
+class GeneratorConfig(ConfigDict):
     """A seeded production-style workload (see the module docstring).
 
     Use ``GeneratorConfig.from_preset("criteo_kaggle", ...)`` or give
@@ -346,33 +347,6 @@ class GeneratorConfig:
         p = self.pooling
         return p if isinstance(p, tuple) else (p,) * len(self.table_rows)
 
-    def to_dict(self) -> dict[str, Any]:
-        pools = self.pooling
-        pj: Any = ([_pool_dict(p) for p in pools] if isinstance(pools, tuple)
-                   else _pool_dict(pools))
-        return {"table_rows": list(self.table_rows), "batch_size": self.batch_size,
-                "n_batches": self.n_batches,
-                "alpha": list(self.alpha) if isinstance(self.alpha, tuple) else self.alpha,
-                "alpha_spread": self.alpha_spread, "pooling": pj, "locality": self.locality,
-                "locality_window": self.locality_window, "drift": self.drift,
-                "active_fraction": self.active_fraction,
-                "keys": None if self.keys is None else list(self.keys), "seed": self.seed}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
-        d = dict(d)
-        p = d.get("pooling")
-        if isinstance(p, list):
-            d["pooling"] = tuple(Pooling(**x) for x in p)
-        elif isinstance(p, dict):
-            d["pooling"] = Pooling(**p)
-        if isinstance(d.get("alpha"), list):
-            d["alpha"] = tuple(d["alpha"])
-        if d.get("keys") is not None:
-            d["keys"] = tuple(d["keys"])
-        d["table_rows"] = tuple(d["table_rows"])
-        return cls(**d)
-
 
 def _pooling_arg(pooling: Pooling | tuple[Pooling, ...] | str,
                  n_tables: int) -> Pooling | tuple[Pooling, ...]:
@@ -384,11 +358,6 @@ def _pooling_arg(pooling: Pooling | tuple[Pooling, ...] | str,
     if isinstance(pooling, str):
         return Pooling.parse(pooling)
     return pooling
-
-
-def _pool_dict(p: Pooling) -> dict[str, Any]:
-    return {"kind": p.kind.value, "mean": p.mean, "low": p.low, "high": p.high,
-            "sigma": p.sigma, "p_empty": p.p_empty}
 
 
 def _normal_quantiles(n: int) -> np.ndarray:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tiermem.atomicio import chmod_default
+from tiermem.config import ConfigDict
 from tiermem.errors import ConfigError
 from tiermem.format import StoreInfo, TableSpec
 
@@ -40,7 +41,7 @@ PLAN_VERSION = 1
 
 
 @dataclass(frozen=True)
-class Piece:
+class Piece(ConfigDict):
     """Rows ``[row_start, row_stop)`` of ``table``, held by ``shard``."""
 
     table: str
@@ -61,9 +62,11 @@ class Piece:
         if self.row_stop <= self.row_start:
             raise ConfigError(f"plan piece of table {self.table!r}: empty row range "
                               f"[{self.row_start}, {self.row_stop})")
-        if not isinstance(self.lookups, (int, float)) or self.lookups < 0:
+        if isinstance(self.lookups, bool) or not isinstance(self.lookups, (int, float)) \
+                or self.lookups < 0:
             raise ConfigError(f"plan piece of table {self.table!r}: lookups must be >= 0, "
                               f"got {self.lookups!r}")
+        object.__setattr__(self, "lookups", float(self.lookups))
 
     @property
     def rows(self) -> int:
@@ -79,12 +82,11 @@ class Piece:
     _split: bool = field(default=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"table": self.table, "row_start": self.row_start, "row_stop": self.row_stop,
-                "shard": self.shard, "nbytes": self.nbytes, "lookups": round(self.lookups, 3)}
+        return {**super().to_dict(), "lookups": round(self.lookups, 3)}
 
 
 @dataclass(frozen=True)
-class ShardPlan:
+class ShardPlan(ConfigDict):
     """A validated placement of a store's tables on ``num_shards`` shards."""
 
     num_shards: int
@@ -180,6 +182,8 @@ class ShardPlan:
 
     # -- files ----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """The plan file's JSON: its fields, what follows from them (bytes and lookups per
+        shard, the tables' bytes) and ``meta``'s keys at the top level."""
         d: dict[str, Any] = {
             "format": PLAN_FORMAT, "version": PLAN_VERSION, "strategy": self.strategy,
             "num_shards": self.num_shards, "capacity_bytes": self.capacity_bytes,
@@ -224,6 +228,9 @@ class ShardPlan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "plan") -> ShardPlan:
+        """A plan file's JSON (:meth:`to_dict`'s): its header checked, the derived keys
+        (``shards``, the tables' ``nbytes``) dropped, the others kept in ``meta``; errors
+        name ``where``."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"{where}: a plan is a JSON object, got {type(d).__name__}")
         if d.get("format") != PLAN_FORMAT:
@@ -232,16 +239,16 @@ class ShardPlan:
         if d.get("version") != PLAN_VERSION:
             raise ConfigError(f"{where}: plan version {d.get('version')!r} is not supported "
                               f"(this tiermem reads version {PLAN_VERSION})")
+        known = {"format", "version", "strategy", "num_shards", "capacity_bytes", "tables",
+                 "pieces", "shards"}
         try:
-            tables = {n: TableSpec(n, t["rows"], t["dim"], t.get("dtype", "float32"))
-                      for n, t in dict(d["tables"]).items()}
-            pieces = tuple(Piece(p["table"], p["row_start"], p["row_stop"], p["shard"],
-                                 p.get("nbytes", 0), float(p.get("lookups", 0.0)))
-                           for p in d["pieces"])
-            known = {"format", "version", "strategy", "num_shards", "capacity_bytes", "tables",
-                     "pieces", "shards"}
-            return cls(d["num_shards"], tables, pieces, d.get("capacity_bytes"),
-                       d.get("strategy", "manual"), {k: v for k, v in d.items() if k not in known})
+            # an entry's nbytes is derived: TableSpec.from_dict reads only the spec's keys
+            tables = {n: {**dict(t), "name": n} for n, t in dict(d["tables"]).items()}
+            return super().from_dict({
+                "num_shards": d["num_shards"], "tables": tables, "pieces": list(d["pieces"]),
+                "capacity_bytes": d.get("capacity_bytes"),
+                "strategy": d.get("strategy", "manual"),
+                "meta": {k: v for k, v in d.items() if k not in known}})
         except KeyError as e:
             raise ConfigError(f"{where}: missing field {e.args[0]!r}") from None
         except (TypeError, AttributeError) as e:

@@ -81,13 +81,14 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from runtime.distributed.plan import Piece, ShardPlan
 from runtime.distributed.profile import TableProfile, TraceProfile
+from tiermem.config import ConfigDict
 from tiermem.errors import CapacityError, ConfigError
 from tiermem.format import TableSpec
 
@@ -99,7 +100,7 @@ DEFAULT_BATCH_SIZE = 2048
 
 
 @dataclass(frozen=True)
-class CostModel:
+class CostModel(ConfigDict):
     """Predicted per-batch time of each shard (formula and defaults: module docstring)."""
 
     rtt_us: float = 1000.0
@@ -133,17 +134,6 @@ class CostModel:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"cost model {name} must be an integer >= 0, got {v!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> CostModel:
-        known = set(cls.__dataclass_fields__)
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ConfigError(f"unknown cost model field(s) {bad}; fields: {sorted(known)}")
-        return cls(**dict(d))
 
     # -- per-table coefficients ------------------------------------------------------
     def _coefficients(self, specs: Sequence[TableSpec], batch_size: int

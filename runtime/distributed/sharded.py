@@ -41,12 +41,13 @@ from runtime.distributed.routing import Router, ShardRequest
 from runtime.distributed.shard import EmbeddingShard, _cpu_seconds
 from runtime.model import DenseDLRM
 from runtime.session import RuntimeConfig, batch_features, dense_tensor, run_dense
+from tiermem.config import Choice, ConfigDict
 from tiermem.errors import ConfigError, TierMemError
 from tiermem.features import SparseFeatures
 from tiermem.format import open_store
 
 __all__ = ["ShardError", "ShardOptions", "ShardTimeoutError", "ShardUnavailableError",
-           "ShardedSession"]
+           "ShardedSession", "Transport"]
 
 
 class ShardError(TierMemError, RuntimeError):
@@ -61,8 +62,18 @@ class ShardTimeoutError(ShardError, TimeoutError):
     """A shard did not answer within ``ShardOptions.timeout_s``."""
 
 
+class Transport(Choice):
+    """How a batch reaches the shard actors."""
+
+    COMPILED = "compiled"
+    """One Ray compiled graph (shared-memory channels) broadcasts the batch; each shard
+    cuts its own part."""
+    TASKS = "tasks"
+    """One Ray task per shard, carrying only its part."""
+
+
 @dataclass(frozen=True)
-class ShardOptions:
+class ShardOptions(ConfigDict):
     """How shard actors are started and waited for."""
 
     num_cpus: float = 1.0
@@ -77,16 +88,14 @@ class ShardOptions:
     """Threads per shard actor: concurrent batches and prefetch hints."""
     spread: bool = True
     """Place shards on different nodes when the cluster has several."""
-    transport: str = "compiled"
+    transport: Transport = Transport.COMPILED
     """``"compiled"``: one Ray compiled graph (shared-memory channels) broadcasts each
     batch to the shards, which cut their own part (about 5x less overhead per batch
     here); ``"tasks"``: one Ray task per shard carrying only its part (no graph to
     rebuild after a failure; also for Ray versions without compiled graphs)."""
 
     def __post_init__(self) -> None:
-        if self.transport not in ("compiled", "tasks"):
-            raise ConfigError(f"ShardOptions.transport must be 'compiled' or 'tasks', got "
-                              f"{self.transport!r}")
+        object.__setattr__(self, "transport", Transport.parse(self.transport))
         if not (isinstance(self.num_cpus, (int, float)) and self.num_cpus >= 0):
             raise ConfigError(f"ShardOptions.num_cpus must be >= 0, got {self.num_cpus!r}")
         if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int) \

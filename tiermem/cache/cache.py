@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from tiermem.cache.policy import BatchScratch, CachePolicy, make_policy
-from tiermem.config import PoolingMode, TierConfig, parse_share_or_bytes
+from tiermem.cache.policy import BatchScratch, CachePolicy, Policy, make_policy
+from tiermem.config import Choice, ConfigDict, PoolingMode, TierConfig, parse_share_or_bytes
 from tiermem.errors import CapacityError, ConfigError, StoreError
 from tiermem.features import SparseFeatures
 from tiermem.kernels import current_threads as num_threads
@@ -36,7 +36,8 @@ from tiermem.quantize import RowDtype
 from tiermem.stats import TableStats
 from tiermem.tiers.base import Tier
 
-__all__ = ["CacheConfig", "CachedTier", "PrefetchCounters", "parse_cache_size"]
+__all__ = ["Admission", "CacheConfig", "CacheIndex", "CachedTier", "PrefetchCounters",
+           "parse_cache_size"]
 
 
 def parse_cache_size(spec: str | int) -> dict[str, Any]:
@@ -65,35 +66,55 @@ def parse_cache_size(spec: str | int) -> dict[str, Any]:
     return {"capacity_fraction": value} if kind == "share" else {"capacity_bytes": int(value)}
 
 
+class Admission(Choice):
+    """An admission filter in front of a dynamic policy."""
+
+    TINYLFU = "tinylfu"
+    """A missed key enters only if a frequency sketch counts it hotter than the victim."""
+
+
+class CacheIndex(Choice):
+    """How the cache finds a key's slot."""
+
+    AUTO = "auto"
+    """dense when it costs at most half the slot pool's bytes, else hash."""
+    DENSE = "dense"
+    """8 bytes per cached table row; one memory line a probe."""
+    HASH = "hash"
+    """Open addressing, ~32 bytes per slot."""
+
+
 @dataclass(frozen=True)
-class CacheConfig:
+class CacheConfig(ConfigDict):
     """Size and policy of the DRAM cache.
 
     Exactly one of ``capacity_rows``, ``capacity_bytes`` or ``capacity_fraction``
     (of the cached tables' bytes) sets the size.
     """
 
-    policy: str = "lru"
+    policy: Policy = Policy.LRU
     """lru, lfu, fifo, clock, s3fifo, static or hybrid."""
     capacity_rows: int | None = None
     capacity_bytes: int | None = None
     capacity_fraction: float | None = None
-    admission: str | None = None
-    """None, or "tinylfu" (frequency-sketch admission filter)."""
-    dynamic: str = "lru"
+    admission: Admission | None = None
+    """None, or tinylfu (frequency-sketch admission filter)."""
+    dynamic: Policy = Policy.LRU
     """hybrid: the policy for the rows that are not pinned."""
     pinned_fraction: float = 0.0
     """hybrid/static: share of the capacity reserved for the hottest rows."""
     lfu_aging_period: int = 0
-    index: str = "auto"
-    """key -> slot index: "dense" (8 bytes per cached table row, one memory line a
-    probe), "hash" (open addressing, ~32 bytes per slot) or "auto": dense when it
-    costs at most half the slot pool's bytes."""
+    index: CacheIndex = CacheIndex.AUTO
+    """key -> slot index: dense (8 bytes per cached table row, one memory line a probe),
+    hash (open addressing, ~32 bytes per slot) or auto: dense when it costs at most half
+    the slot pool's bytes."""
 
     def __post_init__(self) -> None:
-        if self.index not in ("auto", "dense", "hash"):
-            raise ConfigError(f"CacheConfig.index must be 'auto', 'dense' or 'hash', got "
-                              f"{self.index!r}")
+        object.__setattr__(self, "policy", Policy.parse(self.policy))
+        object.__setattr__(self, "dynamic", Policy.parse(self.dynamic))
+        if self.admission is not None:
+            object.__setattr__(self, "admission", Admission.parse(self.admission))
+        object.__setattr__(self, "index", CacheIndex.parse(self.index))
         given = [v for v in (self.capacity_rows, self.capacity_bytes, self.capacity_fraction)
                  if v is not None]
         if len(given) != 1:
@@ -113,9 +134,6 @@ class CacheConfig:
         if not 0 <= self.pinned_fraction <= 1:
             raise ConfigError(f"CacheConfig.pinned_fraction must be in [0, 1], got "
                               f"{self.pinned_fraction!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 #: rows a prefetch reserves and reads at a time (see CachedTier.prefetch_rows)

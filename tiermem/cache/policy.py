@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass
-from enum import Enum
 from typing import Any
 
 import numpy as np
 
+from tiermem.config import Choice
 from tiermem.errors import CapacityError, ConfigError, InvalidBatchError
 from tiermem.kernels import policies as _k
 
@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 
-class Policy(str, Enum):
+class Policy(Choice):
     """Names of the replacement policies (``make_policy`` accepts the values)."""
 
     LRU = "lru"

@@ -21,6 +21,7 @@ import threading
 from dataclasses import dataclass
 
 from tiermem.cache.cache import CachedTier
+from tiermem.config import ConfigDict
 from tiermem.errors import ConfigError
 from tiermem.features import SparseFeatures
 from tiermem.kernels.dedupe import dedupe_first
@@ -29,7 +30,7 @@ __all__ = ["Prefetcher", "PrefetchConfig"]
 
 
 @dataclass(frozen=True)
-class PrefetchConfig:
+class PrefetchConfig(ConfigDict):
     """How far ahead and how much the prefetcher may hold."""
 
     lookahead: int = 2

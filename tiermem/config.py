@@ -72,7 +72,9 @@ class Choice(str, Enum):
     """
 
     __str__ = str.__str__
-    __format__ = str.__format__
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
     @classmethod
     def parse(cls, value: Any) -> Any:
@@ -205,7 +207,7 @@ def _from_dict(cls: type[_C], d: Any) -> _C:
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"missing {name} field(s): {missing}")
-    hints = _field_types(cls)
+    hints = _field_types(typing.cast(type, cls))
     return cls(**{k: _build(hints.get(k), v) for k, v in d.items()})
 
 

@@ -35,8 +35,13 @@ def kernel_cache_dir() -> str:
     """Where Numba keeps the compiled kernels: the folder its cache locator chose
     (``NUMBA_CACHE_DIR``, ``__pycache__`` beside the sources, or a per-user folder when
     that one is not writable)."""
+    from tiermem.kernels._flags import JIT_DISABLED
     from tiermem.kernels.rowio import dedupe_sorted
 
+    if JIT_DISABLED:  # a plain function, no dispatcher: ask the locator for it directly
+        from numba.core.caching import FunctionCache
+
+        return str(FunctionCache(dedupe_sorted).cache_path)
     return str(dedupe_sorted.stats.cache_path)
 
 

@@ -68,13 +68,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tiermem.batch import CheckedFeatures
 from tiermem.config import Choice, ConfigDict
 from tiermem.errors import ConfigError, InvalidBatchError, TierMemError
 from tiermem.features import SparseFeatures
 from tiermem.kernels.jagged import finite_copy, merge_key_major
 
 if TYPE_CHECKING:
-    from runtime.session import InferenceSession
+    from runtime.protocol import Session
 
 __all__ = [
     "BatcherClosed",
@@ -195,7 +196,12 @@ def concat_features(parts: list[SparseFeatures]) -> SparseFeatures:
     values, offsets, weights = merge_key_major([p.values for p in parts],
                                                [p.offsets for p in parts],
                                                [p.weights for p in parts], len(keys))
-    return SparseFeatures.trusted(keys, values, offsets, weights)
+    merged = SparseFeatures.trusted(keys, values, offsets, weights)
+    first = parts[0]
+    if isinstance(first, CheckedFeatures) and all(
+            isinstance(p, CheckedFeatures) and p.bounds == first.bounds for p in parts):
+        return first.derive(merged, sum(p.dropped for p in parts))  # still checked
+    return merged
 
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
@@ -289,7 +295,7 @@ class DynamicBatcher:
 
     Parameters
     ----------
-    session : InferenceSession
+    session : Session
         Runs the batches (``predict`` and, if it has a prefetcher, ``prefetch``).
     config : BatcherConfig
         Batch size, delay, queue bounds and overload behaviour.
@@ -306,7 +312,7 @@ class DynamicBatcher:
     resolving to the request's ``(B,)`` float32 predictions.
     """
 
-    def __init__(self, session: InferenceSession, config: BatcherConfig | None = None, *,
+    def __init__(self, session: Session, config: BatcherConfig | None = None, *,
                  on_batch: Callable[[int, int, float], None] | None = None,
                  on_done: Callable[[str, float], None] | None = None) -> None:
         self.session = session
@@ -314,7 +320,7 @@ class DynamicBatcher:
         self._on_batch = on_batch
         self._on_done = on_done
         self.table_names = tuple(session.table_names)
-        self.num_dense = int(session.dense.config.num_dense)
+        self.num_dense = int(session.num_dense)
         rows = session.table_rows
         self._rows = {n: int(rows[n]) for n in self.table_names}
         self._has_prefetcher = bool(session.prefetch_enabled)
@@ -383,15 +389,12 @@ class DynamicBatcher:
             raise InvalidBatchError(f"unknown table(s) {unknown[:5]}; the model's tables are "
                                     f"{list(self.table_names[:8])}"
                                     f"{' ...' if len(self.table_names) > 8 else ''}")
-        sparse = sparse.select(self.table_names)
         if sparse.batch_size != arr.shape[0]:
             raise InvalidBatchError(f"dense has {arr.shape[0]} rows but the sparse features "
                                     f"have batch size {sparse.batch_size}")
         self.check_size(arr.shape[0], int(sparse.values.size))
-        sparse.validate_ids(self._rows)
-        if sparse.weights is not None and not np.isfinite(sparse.weights).all():
-            raise InvalidBatchError("per-id weights contain NaN or infinity")
-        return arr, sparse
+        # the one check of the request's ids: the session and the tier trust the result
+        return arr, self.session.check(sparse)
 
     def check_size(self, samples: int, ids: int | None) -> None:
         """Raise :class:`RequestTooLarge` past the per-request limits (call it before

@@ -46,7 +46,7 @@ from tiermem.errors import ConfigError
 from tiermem.features import SparseFeatures
 
 if TYPE_CHECKING:
-    from runtime.session import InferenceSession
+    from runtime.protocol import Session
 
 __all__ = [
     "BatcherClosed",
@@ -143,7 +143,7 @@ class ServingRuntime:
 
     Parameters
     ----------
-    session : InferenceSession
+    session : Session
         The model; the runtime does not close it unless ``owns_session``.
     config : ServingConfig, optional
     warm_profile : mapping of table -> ids, optional
@@ -152,7 +152,7 @@ class ServingRuntime:
         Close the session in :meth:`close`.
     """
 
-    def __init__(self, session: InferenceSession, config: ServingConfig | None = None, *,
+    def __init__(self, session: Session, config: ServingConfig | None = None, *,
                  warm_profile: Mapping[str, np.ndarray] | None = None,
                  owns_session: bool = False) -> None:
         self.session = session
@@ -366,7 +366,7 @@ class ServingRuntime:
             "batch_size": self._batch_size.to_dict(),
             "batch_requests": self._batch_requests.to_dict(),
             "batch_seconds": self._batch_seconds.to_dict(),
-            "tier": tier_metrics(self.session),
+            "tier": self.session.tier_metrics().to_dict(),
         }
 
     # -- lifetime ----------------------------------------------------------------------------
@@ -390,50 +390,6 @@ class ServingRuntime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def tier_metrics(session: InferenceSession) -> dict[str, Any]:
-    """Reads of the session's tier and, with a cache, its hit rates and DRAM bytes.
-
-    A session without one local tier (sharded) reports its own (``tier_metrics()``).
-    """
-    own = getattr(session, "tier_metrics", None)
-    if own is not None:
-        return own()
-    tier = session.tier
-    cold = getattr(tier, "cold", tier)
-    kind = getattr(getattr(cold.config, "kind", None), "value", str(cold.config))
-    tot = tier.stats.total()
-    with tier.stats._lock:
-        per_table = {k: (v.cache_hits, v.cache_misses, v.bytes_read)
-                     for k, v in tier.stats.tables.items()}
-    out: dict[str, Any] = {
-        "kind": kind,
-        "batches": tier.stats.batches,
-        "lookups": tot.lookups,
-        "rows_read": tot.rows_read,
-        "bytes_read": tot.bytes_read,
-        "read_ops": tot.read_ops,
-        "read_seconds": tot.read_seconds,
-        "bytes_read_per_table": {k: v[2] for k, v in per_table.items()},
-        "cache": None,
-    }
-    if hasattr(tier, "cache_stats"):
-        cs = tier.cache_stats()
-        out["cache"] = {
-            "hits": tot.cache_hits,
-            "misses": tot.cache_misses,
-            "hit_rate": tot.hit_rate,
-            "lookup_hit_rate": tot.hit_lookups / tot.lookups if tot.lookups else 0.0,
-            "nbytes": int(getattr(tier, "nbytes", 0)),
-            "capacity_rows": int(cs.get("capacity_rows", 0)),
-            "resident_rows": int(sum(v.get("resident", 0) for v in cs.values()
-                                     if isinstance(v, dict) and "resident" in v)),
-            "prefetch": dict(cs.get("prefetch", {})),
-            "hit_rate_per_table": {k: (h / (h + m) if h + m else 0.0)
-                                   for k, (h, m, _) in per_table.items()},
-        }
-    return out
 
 
 def _head(s: SparseFeatures, n: int) -> SparseFeatures:

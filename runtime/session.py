@@ -9,7 +9,6 @@ and the kernels hold no per-call state; torch modules are read-only).
 
 from __future__ import annotations
 
-import collections
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,13 +20,17 @@ import torch
 
 from runtime.checkpoint import load_checkpoint
 from runtime.model import DenseDLRM, TracedDense
+from runtime.pipeline import pipelined
+from tiermem.batch import BoundsCheck, CheckedFeatures, check_batch
 from tiermem.config import ConfigDict, PoolingMode, TierConfig
 from tiermem.errors import ConfigError, InvalidBatchError
 from tiermem.features import SparseFeatures
 from tiermem.format import open_store
 from tiermem.kernels import resolve_threads
 from tiermem.kernels import threads as kernel_threads
-from tiermem.tiers import Tier, open_tier
+from tiermem.metrics import TierMetrics
+from tiermem.stack import TierStack, open_stack
+from tiermem.tiers import Tier
 
 if TYPE_CHECKING:
     from tiermem.cache.cache import CacheConfig
@@ -49,8 +52,10 @@ class RuntimeConfig(ConfigDict):
     an integer, or None (leave the libraries' defaults: every core)."""
     pooling: PoolingMode = PoolingMode.SUM
     """Bag pooling; DLRM uses sum."""
-    validate: bool = True
-    """Check every id against its table size before pooling."""
+    bounds_check: BoundsCheck = BoundsCheck.FATAL
+    """What an id outside its table does: ``fatal`` fails the batch naming it, ``warn``
+    drops it from its bag with a logged warning (:mod:`tiermem.batch`). Every id is
+    checked once, where the batch enters the session."""
     cache: CacheConfig | None = None
     """A DRAM cache in front of the tier (for ssd/cxl), or None."""
     prefetch: PrefetchConfig | None = None
@@ -82,6 +87,7 @@ class RuntimeConfig(ConfigDict):
             raise ConfigError(f"RuntimeConfig.num_threads must be None, 'auto' or an integer "
                               f">= 1, got {self.num_threads!r}")
         object.__setattr__(self, "pooling", PoolingMode.parse(self.pooling))
+        object.__setattr__(self, "bounds_check", BoundsCheck.parse(self.bounds_check))
         if not isinstance(self.trace_dense, bool):
             raise ConfigError(f"RuntimeConfig.trace_dense must be a bool, got "
                               f"{self.trace_dense!r}")
@@ -162,8 +168,10 @@ class InferenceSession:
     :meth:`predict` with dense features and :class:`SparseFeatures`.
     """
 
-    def __init__(self, dense: DenseDLRM, tier: Tier, table_names: Sequence[str],
+    def __init__(self, dense: DenseDLRM, tier: Tier | TierStack, table_names: Sequence[str],
                  config: RuntimeConfig | None = None) -> None:
+        stack = tier if isinstance(tier, TierStack) else None
+        tier = stack.tier if stack is not None else tier
         self.dense = dense.eval()
         self.tier = tier
         self.config = config or RuntimeConfig(tier=tier.config)
@@ -183,8 +191,8 @@ class InferenceSession:
             torch.set_num_threads(self.config.num_threads)
         self._forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
             TracedDense(self.dense) if self.config.trace_dense else self.dense)
-        self.prefetcher: Prefetcher | None = None
-        if self.config.prefetch is not None:
+        self.prefetcher: Prefetcher | None = stack.prefetcher if stack is not None else None
+        if self.config.prefetch is not None and stack is None:
             from tiermem.cache.cache import CachedTier
             from tiermem.cache.prefetch import Prefetcher
 
@@ -211,15 +219,11 @@ class InferenceSession:
             raise ConfigError(
                 f"the store {info.path} lacks the model's table(s) {missing[:5]}"
                 f"{' ...' if len(missing) > 5 else ''}; store tables: {info.names[:8]}")
-        tier = open_tier(info, config.tier)
+        stack = open_stack(info, tier=config.tier, cache=config.cache, prefetch=config.prefetch)
         try:
-            if config.cache is not None:
-                from tiermem.cache.cache import CachedTier
-
-                tier = CachedTier(tier, config.cache)
-            return cls(ckpt.build_dense(), tier, names, config)
+            return cls(ckpt.build_dense(), stack, names, config)
         except BaseException:
-            tier.close()
+            stack.close()
             raise
 
     # -- inference ---------------------------------------------------------
@@ -232,8 +236,13 @@ class InferenceSession:
         dense_t = self._dense(dense)
         return self._mlp(dense_t, self.embed(sparse))
 
-    def _features(self, sparse: SparseFeatures | Mapping[str, Any]) -> SparseFeatures:
-        return batch_features(sparse, self.table_names)
+    def check(self, sparse: SparseFeatures | Mapping[str, Any]) -> CheckedFeatures:
+        """The batch in the model's table order, every id checked (once: a batch checked
+        already, e.g. by the batcher, passes through)."""
+        return check_batch(batch_features(sparse, self.table_names), self._rows,
+                           self.config.bounds_check)
+
+    _features = check
 
     def _dense(self, dense: Any) -> torch.Tensor:
         return dense_tensor(dense, self.dense.config.num_dense)
@@ -242,10 +251,7 @@ class InferenceSession:
         """Announce a batch that will run soon: its missing rows are read ahead."""
         if self.prefetcher is None:
             return
-        features = self._features(sparse)
-        if self.config.validate:
-            features.validate_ids(self._rows)
-        self.prefetcher.submit(features)
+        self.prefetcher.submit(self._features(sparse))
 
     def predict_stream(self, batches: Iterable[tuple[Any, SparseFeatures | Mapping[str, Any]]],
                        *, pipeline: bool = True) -> Iterator[np.ndarray]:
@@ -257,41 +263,24 @@ class InferenceSession:
         identical to calling :meth:`predict` on each batch in turn.
         """
         ahead = self.config.prefetch.lookahead if self.config.prefetch is not None else 0
-        window: collections.deque[tuple[torch.Tensor, SparseFeatures]] = collections.deque()
-        it = iter(batches)
 
-        def pull() -> bool:
-            try:
-                d, s = next(it)
-            except StopIteration:
-                return False
-            f = self._features(s)
-            window.append((self._dense(d), f))
-            if self.prefetcher is not None and len(window) > 2:
-                self.prefetch(f)
-            return True
+        def prepare(batch: tuple[Any, SparseFeatures | Mapping[str, Any]]
+                    ) -> tuple[torch.Tensor, CheckedFeatures]:
+            return self._dense(batch[0]), self._features(batch[1])
 
-        while len(window) < 2 + ahead and pull():
-            pass
-        if not pipeline:
-            while window:
-                d, f = window.popleft()
-                yield self._mlp(d, self._embed_features(f))
-                pull()
-            return
         with ThreadPoolExecutor(1, thread_name_prefix="tiermem-embed") as ex:
-            fut = ex.submit(self._embed_features, window[0][1]) if window else None
-            while fut is not None:
-                d, _ = window.popleft()
-                pooled = fut.result()
-                pull()
-                fut = ex.submit(self._embed_features, window[0][1]) if window else None
-                yield self._mlp(d, pooled)
+            yield from pipelined(
+                batches, prepare,
+                launch=lambda item, _later: ex.submit(self._embed_features, item[1]),
+                finish=lambda item, fut: self._mlp(item[0], fut.result()),
+                overlap=pipeline, horizon=2 + ahead,
+                hint=(lambda item: self.prefetcher.submit(item[1]))
+                if self.prefetcher is not None else None)
 
     def _embed_features(self, features: SparseFeatures) -> np.ndarray:
         with kernel_threads(self.config.num_threads):
             pooled = self.tier.pool(features, mode=self.config.pooling,
-                                    validate=self.config.validate)
+                                    bounds=self.config.bounds_check)
         # D spelled out: -1 is ambiguous for an empty batch (B = 0)
         return pooled.reshape(features.batch_size, len(self.table_names),
                               self.dense.config.embedding_dim)
@@ -326,7 +315,7 @@ class InferenceSession:
                 self._mlp(dense, pooled.reshape(B, T, -1))
 
         return warm_tier(self.tier, names=self.table_names, pooling=self.config.pooling,
-                         validate=self.config.validate,
+                         bounds=self.config.bounds_check,
                          # "auto" may run a batch on every core: compile the parallel kernels
                          num_threads=None if self.config.num_threads == "auto"
                          else self.config.num_threads,
@@ -344,6 +333,18 @@ class InferenceSession:
     def table_rows(self) -> dict[str, int]:
         """Rows of each of the model's tables (valid ids are ``0 .. rows - 1``)."""
         return dict(zip(self.table_names, self._rows, strict=True))
+
+    @property
+    def num_dense(self) -> int:
+        return int(self.dense.config.num_dense)
+
+    @property
+    def bounds_check(self) -> BoundsCheck:
+        return self.config.bounds_check
+
+    def tier_metrics(self) -> TierMetrics:
+        """Reads of the tier and, with a cache, its hit counts and DRAM bytes."""
+        return TierMetrics.from_tier(self.tier)
 
     @property
     def prefetch_enabled(self) -> bool:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from tiermem._lazy import lazy_names
 
 if TYPE_CHECKING:
+    from tiermem.batch import BoundsCheck, CheckedFeatures, check_batch
     from tiermem.config import PoolingMode, TierConfig, TierKind
     from tiermem.errors import (
         CapacityError,
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
         create_store_from_arrays,
         open_store,
     )
+    from tiermem.metrics import TierMetrics
     from tiermem.quantize import RowDtype, dequantize_rows, quantize_rows
     from tiermem.stats import TableStats, TierStats
     from tiermem.tiers import CxlTier, DramTier, SsdTier, Tier, open_tier
@@ -42,6 +44,8 @@ _LAZY = {
     **dict.fromkeys(["CapacityError", "ConfigError", "InvalidBatchError", "StoreError",
                      "StoreFormatError", "TierMemError"], "tiermem.errors"),
     "SparseFeatures": "tiermem.features",
+    **dict.fromkeys(["BoundsCheck", "CheckedFeatures", "check_batch"], "tiermem.batch"),
+    "TierMetrics": "tiermem.metrics",
     **dict.fromkeys(["StoreInfo", "StoreWriter", "TableInfo", "TableSpec", "create_random_store",
                      "create_store", "create_store_from_arrays", "open_store"], "tiermem.format"),
     **dict.fromkeys(["RowDtype", "dequantize_rows", "quantize_rows"], "tiermem.quantize"),

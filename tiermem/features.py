@@ -213,9 +213,17 @@ class SparseFeatures:
                     raise InvalidBatchError(
                         f"table {k!r}: {wk.size} weights for {ids.size} ids: one weight per id")
                 ws.append(wk)
+        if len(set(keys)) != len(keys):
+            raise InvalidBatchError(f"keys has duplicates: {keys}")
         values = np.concatenate(vals)
         offsets = np.concatenate([np.zeros(1, np.int64), *offs])
-        return cls(tuple(keys), values, offsets, np.concatenate(ws) if ws else None)
+        w = None
+        if ws:
+            w = np.concatenate(ws)
+            _check_weights(w, tuple(keys), offsets)
+            w = np.ascontiguousarray(w, dtype=np.float32)
+        # every part's offsets were checked above: no second pass over them
+        return cls.trusted(tuple(keys), values, offsets, w)
 
     # -- derived -----------------------------------------------------------
     @property
@@ -267,16 +275,38 @@ class SparseFeatures:
                 f"{i - int(self.offsets[t * b + bag])} in its bag) {what}")
 
     def select(self, keys: Sequence[str]) -> SparseFeatures:
-        """The same batch restricted/reordered to ``keys``."""
+        """The same batch restricted/reordered to ``keys``.
+
+        Built from this batch's arrays without checking them again (a part of a
+        valid batch is valid); a checked batch stays checked.
+        """
         missing = [k for k in keys if k not in self.keys]
         if missing:
             raise InvalidBatchError(f"batch has no table(s) {missing}; it has {list(self.keys)}")
-        if tuple(keys) == self.keys:
+        keys = tuple(keys)
+        if keys == self.keys:
             return self
-        return SparseFeatures.from_tables(
-            [(k, *self.table(k)[:2]) for k in keys],
-            None if self.weights is None else {k: self.table(k)[2] for k in keys},
-        )
+        if not keys or len(set(keys)) != len(keys):
+            raise InvalidBatchError(f"select: keys must be distinct and non-empty, got "
+                                    f"{list(keys)}")
+        picked = [self.keys.index(k) for k in keys]
+        b = self.batch_size
+        spans = [self.table_range(t) for t in picked]
+        values = np.concatenate([self.values[s:e] for s, e in spans])
+        offsets = np.empty(len(keys) * b + 1, np.int64)
+        offsets[0] = 0
+        base = 0
+        for j, (t, (s, e)) in enumerate(zip(picked, spans, strict=True)):
+            offsets[j * b + 1:(j + 1) * b + 1] = self.offsets[t * b + 1:(t + 1) * b + 1] - s + base
+            base += e - s
+        weights = None if self.weights is None else np.concatenate(
+            [self.weights[s:e] for s, e in spans])
+        return self._derived(keys, values, offsets, weights, picked)
+
+    def _derived(self, keys: tuple[str, ...], values: np.ndarray, offsets: np.ndarray,
+                 weights: np.ndarray | None, picked: Sequence[int]) -> SparseFeatures:
+        """A batch made of this one's tables ``picked`` (subclasses keep what they know)."""
+        return SparseFeatures.trusted(keys, values, offsets, weights)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"keys": list(self.keys), "values": self.values,

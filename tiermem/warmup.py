@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from tiermem.batch import BoundsCheck
 from tiermem.config import PoolingMode
 from tiermem.errors import StoreError
 from tiermem.features import SparseFeatures
@@ -52,7 +53,8 @@ def synthetic_batch(names: Sequence[str], rows: Sequence[int], batch_size: int, 
 
 
 def warm_tier(tier: Tier, *, names: Sequence[str] | None = None,
-              pooling: PoolingMode | str = PoolingMode.SUM, validate: bool = True,
+              pooling: PoolingMode | str = PoolingMode.SUM,
+              bounds: BoundsCheck | str = BoundsCheck.FATAL,
               num_threads: int | None = None, weighted: bool = True,
               batch_sizes: Sequence[int] | None = None, prefetch: Any = None,
               on_pooled: Any = None) -> dict[str, Any]:
@@ -83,7 +85,7 @@ def warm_tier(tier: Tier, *, names: Sequence[str] | None = None,
             for w in weight_modes:
                 f = synthetic_batch(names, rows, int(B), weighted=w)
                 with kernel_threads(num_threads):
-                    pooled = run_on.pool(f, mode=mode, validate=validate)
+                    pooled = run_on.pool(f, mode=mode, bounds=bounds)
                 if on_pooled is not None:
                     on_pooled(int(B), pooled)
         # the parallel thresholds hold per (dtype, width) group of tables: a group with
@@ -100,7 +102,7 @@ def warm_tier(tier: Tier, *, names: Sequence[str] | None = None,
                     f = synthetic_batch([names[j] for j in members],
                                         [rows[j] for j in members], gb, weighted=w)
                     with kernel_threads(num_threads):
-                        run_on.pool(f, mode=mode, validate=validate)
+                        run_on.pool(f, mode=mode, bounds=bounds)
         if scratch is not None and prefetch is not None:
             from tiermem.cache.prefetch import Prefetcher
 

@@ -20,12 +20,14 @@ import numpy as np
 
 from runtime.distributed.plan import ShardPlan
 from runtime.distributed.routing import Router
+from tiermem.batch import CheckedFeatures
 from tiermem.config import PoolingMode
 from tiermem.errors import ConfigError
 from tiermem.features import SparseFeatures
 from tiermem.format import open_store
 from tiermem.kernels import threads as kernel_threads
-from tiermem.tiers import open_tier
+from tiermem.metrics import TierMetrics
+from tiermem.stack import open_stack
 
 __all__ = ["EmbeddingShard"]
 
@@ -74,20 +76,12 @@ class EmbeddingShard:
         self.prefetcher = None
         if self.pieces:
             view = info.view([(p.name, p.table, p.row_start, p.row_stop) for p in self.pieces])
-            tier = open_tier(view, config.tier)
-            try:
-                if config.cache is not None:
-                    from tiermem.cache.cache import CachedTier
-
-                    tier = CachedTier(tier, config.cache)
-                if config.prefetch is not None:
-                    from tiermem.cache.prefetch import Prefetcher
-
-                    self.prefetcher = Prefetcher(tier, config.prefetch)  # type: ignore[arg-type]
-            except BaseException:
-                tier.close()
-                raise
+            stack = open_stack(view, tier=config.tier, cache=config.cache,
+                               prefetch=config.prefetch)
+            tier = stack.tier
+            self.prefetcher = stack.prefetcher
             self.tier = tier
+            self._piece_rows = [tier.tables[tier.table_index(k)].spec.rows for k in self.keys]
             # compile the batch path here, inside the start-up timeout, not in the first
             # request's (an empty batch changes no state)
             empty = np.zeros(0, np.int64)
@@ -104,8 +98,16 @@ class EmbeddingShard:
 
     # -- serving -----------------------------------------------------------
     def _features(self, values: np.ndarray, lengths: np.ndarray,
-                  weights: np.ndarray | None) -> SparseFeatures:
-        return SparseFeatures.from_lengths(self.keys, values, lengths, weights)
+                  weights: np.ndarray | None) -> CheckedFeatures:
+        """The shard's part of a batch, trusted: the driver checked every id once
+        (``ShardedSession.check``) and its router cut the part, so ids lie within the
+        pieces by construction; no second pass here."""
+        offsets = np.zeros(lengths.size + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        f = SparseFeatures.trusted(self.keys, np.ascontiguousarray(values, np.int64), offsets,
+                                   None if weights is None
+                                   else np.ascontiguousarray(weights, np.float32))
+        return CheckedFeatures.routed(f, self._piece_rows)
 
     def pool(self, values: np.ndarray, lengths: np.ndarray, weights: np.ndarray | None,
              mode: str = "sum") -> np.ndarray:
@@ -133,7 +135,7 @@ class EmbeddingShard:
             if mode is PoolingMode.MEAN and self._split.any():
                 out = self._pool_mixed(f)
             else:
-                out = self.tier.pool(f, mode=mode, validate=self.config.validate)
+                out = self.tier.pool(f, mode=mode)
         with self._count_lock:
             self.requests += 1
             self.lookups += int(f.values.size)
@@ -169,8 +171,7 @@ class EmbeddingShard:
             pos = np.flatnonzero(self._split == split)
             if pos.size == 0:
                 continue
-            part = self.tier.pool(f.select([self.keys[p] for p in pos]), mode=mode,
-                                  validate=self.config.validate)
+            part = self.tier.pool(f.select([self.keys[p] for p in pos]), mode=mode)
             c = 0
             for p in pos:
                 out[:, col[p]:col[p + 1]] = part[:, c:c + dims[p]]
@@ -217,6 +218,14 @@ class EmbeddingShard:
         if self.prefetcher is not None:
             d["prefetch_dropped_batches"] = self.prefetcher.dropped_batches
         return d
+
+    def tier_metrics(self) -> TierMetrics:
+        """This shard's tier figures, its pieces named by their tables (the driver adds
+        the shards up)."""
+        if self.tier is None:
+            return TierMetrics.empty(self.config.tier.kind.value)
+        table_of = {p.name: p.table for p in self.pieces}
+        return TierMetrics.from_tier(self.tier, table_of=lambda n: table_of.get(n, n))
 
     def reset_stats(self) -> None:
         self.requests = 0

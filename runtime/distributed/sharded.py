@@ -20,12 +20,11 @@ later batches succeed once it has reopened its store.
 
 from __future__ import annotations
 
-import collections
 import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,11 +39,16 @@ from runtime.distributed.plan import ShardPlan, load_plan
 from runtime.distributed.routing import Router, ShardRequest
 from runtime.distributed.shard import EmbeddingShard, _cpu_seconds
 from runtime.model import DenseDLRM
+from runtime.pipeline import pipelined
 from runtime.session import RuntimeConfig, batch_features, dense_tensor, run_dense
+from tiermem.batch import BoundsCheck, CheckedFeatures, check_batch
 from tiermem.config import Choice, ConfigDict
 from tiermem.errors import ConfigError, TierMemError
 from tiermem.features import SparseFeatures
 from tiermem.format import open_store
+from tiermem.kernels import kernel_census
+from tiermem.metrics import TierMetrics
+from tiermem.warmup import synthetic_batch
 
 __all__ = ["ShardError", "ShardOptions", "ShardTimeoutError", "ShardUnavailableError",
            "ShardedSession", "Transport"]
@@ -356,7 +360,7 @@ class ShardedSession:
     # -- inference ---------------------------------------------------------------
     def _route(self, sparse: SparseFeatures | Mapping[str, Any]
                ) -> tuple[SparseFeatures, list[ShardRequest]]:
-        f = self._validated(sparse)
+        f = self.check(sparse)
         return f, self.router.split_batch(f)
 
     def _submit(self, requests: list[ShardRequest]) -> dict[int, Any]:
@@ -374,15 +378,45 @@ class ShardedSession:
         outs = {s: self._get(s, ref, deadline) for s, ref in refs.items()}
         return self.router.merge(f, outs, self.config.pooling, self.dense.config.embedding_dim)
 
-    def _validated(self, sparse: SparseFeatures | Mapping[str, Any]) -> SparseFeatures:
-        f = batch_features(sparse, self.table_names)
-        if self.config.validate:
-            f.validate_ids(self._rows)
-        return f
+    def check(self, sparse: SparseFeatures | Mapping[str, Any]) -> CheckedFeatures:
+        """The batch in the model's table order, every id checked once, here: the shards
+        trust the parts the router cuts from it."""
+        return check_batch(batch_features(sparse, self.table_names), self._rows,
+                           self.config.bounds_check)
+
+    @property
+    def num_dense(self) -> int:
+        return int(self.dense.config.num_dense)
+
+    @property
+    def bounds_check(self) -> BoundsCheck:
+        return self.config.bounds_check
+
+    def warmup(self, *, weighted: bool = True,
+               batch_sizes: Sequence[int] | None = None) -> dict[str, Any]:
+        """Compile the driver's part of a batch (the id check, the router's cut and merge,
+        the MLPs) on synthetic batches; the shards compiled theirs when they started.
+        Nothing is sent to the shards, so no counter moves."""
+        t0 = time.perf_counter()
+        before = kernel_census()
+        D = self.dense.config.embedding_dim
+        for B in batch_sizes or (1, 64):
+            f = synthetic_batch(self.table_names, self._rows, int(B), weighted=weighted)
+            f = self.check(f)
+            reqs = self.router.split_batch(f)
+            outs = {r.shard: np.zeros((B, sum(self.plan.tables[p.table].dim
+                                             for p in self.router.pieces_of(r.shard))),
+                                      np.float32) for r in reqs}
+            pooled = self.router.merge(f, outs, self.config.pooling, D)
+            run_dense(self.dense, dense_tensor(np.zeros((B, self.num_dense), np.float32),
+                                               self.num_dense), pooled, self.config.num_threads)
+        added = kernel_census().since(before)
+        return {"seconds": time.perf_counter() - t0, "kernels_added": added.signatures,
+                "compiled": added.compiled, "loaded_from_cache": added.loaded}
 
     def embed(self, sparse: SparseFeatures | Mapping[str, Any]) -> np.ndarray:
         """Pooled embeddings ``(B, T, D)`` in the model's table order."""
-        f = self._validated(sparse)
+        f = self.check(sparse)
         if f.batch_size == 0:  # nothing to ask the shards
             return np.zeros((0, len(self.table_names), self.dense.config.embedding_dim),
                             np.float32)
@@ -423,54 +457,13 @@ class ShardedSession:
         refs = {s: self.actors[s].warm.remote(prof) for s, prof in per_shard.items()}
         return int(sum(self._get(s, r, deadline) for s, r in refs.items()))
 
-    def tier_metrics(self) -> dict[str, Any]:
-        """The serving runtime's tier figures, summed over the shards (per table, the
-        pieces of a row-split table added up)."""
-        shards = self.stats["shards"]
-        tot: dict[str, float] = collections.defaultdict(float)
-        per_table: dict[str, list[float]] = {}
-        batches, nbytes = 0, 0
-        caches = [st["cache"] for st in shards if "cache" in st]
-        for st in shards:
-            tier = st.get("tier", {})
-            batches = max(batches, int(tier.get("batches", 0)))
-            for piece, t in tier.get("tables", {}).items():
-                table = piece.split(".rows-", 1)[0] if ".rows-" in piece else piece
-                acc = per_table.setdefault(table, [0.0, 0.0, 0.0])
-                acc[0] += t.get("cache_hits", 0)
-                acc[1] += t.get("cache_misses", 0)
-                acc[2] += t.get("bytes_read", 0)
-                for k in ("lookups", "rows_read", "bytes_read", "read_ops", "read_seconds",
-                          "cache_hits", "cache_misses", "hit_lookups"):
-                    tot[k] += t.get(k, 0)
-            nbytes += int(st.get("cache_nbytes", 0))
-        out: dict[str, Any] = {
-            "kind": self.config.tier.kind.value, "batches": batches,
-            "lookups": int(tot["lookups"]), "rows_read": int(tot["rows_read"]),
-            "bytes_read": int(tot["bytes_read"]), "read_ops": int(tot["read_ops"]),
-            "read_seconds": tot["read_seconds"],
-            "bytes_read_per_table": {k: int(v[2]) for k, v in per_table.items()},
-            "cache": None, "shards": len(shards),
-        }
-        if caches:
-            hits, misses = tot["cache_hits"], tot["cache_misses"]
-            prefetch: dict[str, int] = collections.Counter()
-            for c in caches:
-                prefetch.update(c.get("prefetch", {}))
-            out["cache"] = {
-                "hits": int(hits), "misses": int(misses),
-                "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-                "lookup_hit_rate": tot["hit_lookups"] / tot["lookups"] if tot["lookups"] else 0.0,
-                "nbytes": nbytes,
-                "capacity_rows": int(sum(c.get("capacity_rows", 0) for c in caches)),
-                "resident_rows": int(sum(v.get("resident", 0) for c in caches
-                                         for v in c.values()
-                                         if isinstance(v, dict) and "resident" in v)),
-                "prefetch": dict(prefetch),
-                "hit_rate_per_table": {k: (h / (h + m) if h + m else 0.0)
-                                       for k, (h, m, _) in per_table.items()},
-            }
-        return out
+    def tier_metrics(self) -> TierMetrics:
+        """The tier figures summed over the shards (per table, the pieces of a row-split
+        table added up)."""
+        deadline = time.monotonic() + self.options.timeout_s
+        parts = [self._get(sh, a.tier_metrics.remote(), deadline)
+                 for sh, a in self.actors.items()]
+        return sum(parts, TierMetrics.empty(self.config.tier.kind.value))
 
     def prefetch(self, sparse: SparseFeatures | Mapping[str, Any]) -> None:
         """Announce a batch that will run soon: each shard reads its misses ahead."""
@@ -490,73 +483,45 @@ class ShardedSession:
         """
         ahead = self.config.prefetch.lookahead if self.config.prefetch is not None else 0
         if self.options.transport == "compiled":
-            yield from self._stream_compiled(iter(batches), pipeline, ahead)
+            yield from self._stream_compiled(batches, pipeline, ahead)
             return
-        window: collections.deque[tuple[torch.Tensor, SparseFeatures, list[ShardRequest]]] = \
-            collections.deque()
-        it = iter(batches)
 
-        def pull() -> bool:
-            try:
-                d, s = next(it)
-            except StopIteration:
-                return False
-            f, reqs = self._route(s)
-            window.append((dense_tensor(d, self.dense.config.num_dense), f, reqs))
-            if ahead and len(window) > 2:
-                for r in reqs:
-                    self.actors[r.shard].prefetch.remote(r.values, r.lengths)
-            return True
+        def prepare(batch: tuple[Any, SparseFeatures | Mapping[str, Any]]
+                    ) -> tuple[torch.Tensor, CheckedFeatures, list[ShardRequest]]:
+            f, reqs = self._route(batch[1])
+            return dense_tensor(batch[0], self.num_dense), f, reqs
 
-        while len(window) < (2 if pipeline else 1) + ahead and pull():
-            pass
-        pending = None
-        while window:
-            d, f, reqs = window.popleft()
-            refs = pending if pending is not None else self._submit(reqs)
-            pending = None
-            pull()
-            if pipeline and window:
-                pending = self._submit(window[0][2])
-            yield run_dense(self.dense, d, self._gather(f, refs), self.config.num_threads)
+        def hint(item: tuple[torch.Tensor, CheckedFeatures, list[ShardRequest]]) -> None:
+            for r in item[2]:
+                self.actors[r.shard].prefetch.remote(r.values, r.lengths)
 
-    def _stream_compiled(self, it: Iterator[tuple[Any, Any]], pipeline: bool, ahead: int
+        yield from pipelined(
+            batches, prepare, launch=lambda item, _later: self._submit(item[2]),
+            finish=lambda item, refs: run_dense(self.dense, item[0], self._gather(item[1], refs),
+                                                self.config.num_threads),
+            overlap=pipeline, horizon=(2 if pipeline else 1) + ahead,
+            hint=hint if ahead else None)
+
+    def _stream_compiled(self, batches: Iterable[tuple[Any, Any]], pipeline: bool, ahead: int
                          ) -> Iterator[np.ndarray]:
-        """The stream over the compiled graph: batch i+1 runs on the shards while the
-        MLPs of batch i run here; batch i+ahead rides along as a prefetch hint. The
-        graph is held for the whole stream (other callers wait)."""
-        window: collections.deque[tuple[torch.Tensor, SparseFeatures]] = collections.deque()
+        """The stream over the compiled graph: batch i+ahead rides along with batch i's
+        launch as a prefetch hint. The graph is held for the whole stream (other
+        callers wait)."""
 
-        def pull() -> bool:
-            try:
-                d, s = next(it)
-            except StopIteration:
-                return False
-            window.append((dense_tensor(d, self.dense.config.num_dense), self._validated(s)))
-            return True
-
-        def launch() -> tuple[torch.Tensor, SparseFeatures, Any]:
-            d, f = window.popleft()
-            while len(window) < ahead and pull():
-                pass
-            hint = [(window[ahead - 1][1].values, window[ahead - 1][1].offsets)] \
-                if ahead and len(window) >= ahead else []
-            return d, f, self._dag_execute(f, hint)
+        def launch(item: tuple[torch.Tensor, CheckedFeatures],
+                   later: Sequence[tuple[torch.Tensor, CheckedFeatures]]) -> Any:
+            hint = [(later[ahead - 1][1].values, later[ahead - 1][1].offsets)] \
+                if ahead and len(later) >= ahead else []
+            return self._dag_execute(item[1], hint)
 
         with self._dag_lock:
-            pull()
-            inflight: collections.deque[tuple[torch.Tensor, SparseFeatures, Any]] = \
-                collections.deque()
-            while window or inflight:
-                while window and len(inflight) < (2 if pipeline else 1):
-                    inflight.append(launch())
-                    if not window:
-                        pull()
-                d, f, ref = inflight.popleft()
-                pooled = self._dag_result(f, ref)
-                if pipeline and (window or pull()):
-                    inflight.append(launch())
-                yield run_dense(self.dense, d, pooled, self.config.num_threads)
+            yield from pipelined(
+                batches, lambda b: (dense_tensor(b[0], self.num_dense), self.check(b[1])),
+                launch,
+                finish=lambda item, ref: run_dense(self.dense, item[0],
+                                                   self._dag_result(item[1], ref),
+                                                   self.config.num_threads),
+                overlap=pipeline, horizon=(2 if pipeline else 1) + ahead)
 
     # -- measurements -----------------------------------------------------------------
     def cpu_seconds(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from tiermem.batch import BoundsCheck, check_batch
 from tiermem.config import PoolingMode, TierConfig, TierKind
 from tiermem.errors import InvalidBatchError
 from tiermem.features import SparseFeatures
@@ -64,12 +65,14 @@ class Tier(ABC):
 
     # -- pooling -------------------------------------------------------------
     def pool(self, features: SparseFeatures, *, mode: PoolingMode | str = PoolingMode.SUM,
-             out: np.ndarray | None = None, validate: bool = True) -> np.ndarray:
+             out: np.ndarray | None = None,
+             bounds: BoundsCheck | str = BoundsCheck.FATAL) -> np.ndarray:
         """Pool every bag of ``features``: returns float32 ``(B, sum of dims)``.
 
         Columns follow ``features.keys``: table ``keys[t]`` fills
-        ``out[:, c_t : c_t + dim_t]``. ``validate=False`` skips the id range
-        check, for callers that validated already.
+        ``out[:, c_t : c_t + dim_t]``. A :class:`~tiermem.batch.CheckedFeatures`
+        within this tier's row counts is trusted; any other batch is checked
+        here, ``bounds`` saying what an out-of-range id does.
         """
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} is closed")
@@ -78,8 +81,7 @@ class Tier(ABC):
             raise InvalidBatchError(
                 f"features must be a SparseFeatures, got {type(features).__name__}")
         tids = [self.table_index(k) for k in features.keys]
-        if validate:
-            features.validate_ids([self.tables[i].spec.rows for i in tids])
+        features = check_batch(features, [self.tables[i].spec.rows for i in tids], bounds)
         if pooling is PoolingMode.MEAN and features.weights is not None:
             raise InvalidBatchError("per-sample weights are only supported with mode='sum'")
         dims = [self.tables[i].spec.dim for i in tids]

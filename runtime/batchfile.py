@@ -74,7 +74,8 @@ def save_batch(path: str | os.PathLike[str], dense: np.ndarray, sparse: SparseFe
               "values": sparse.values, "offsets": sparse.offsets}
     if sparse.weights is not None:
         arrays["weights"] = sparse.weights
-    _atomic(Path(path), lambda f: np.savez(f, **arrays))
+    # (no key is savez's allow_pickle: mypy cannot tell from the dict's type)
+    _atomic(Path(path), lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 def write_predictions(path: str | os.PathLike[str], preds: np.ndarray) -> None:

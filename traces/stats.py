@@ -388,7 +388,7 @@ def analyze(batches: Iterable[Any], *, rows: Sequence[int] | None = None,
             if st.rows is not None and len(st.rows) != sf.num_tables:
                 raise InvalidBatchError(f"{len(st.rows)} row counts for {sf.num_tables} tables")
             counters = [_Counter() for _ in sf.keys]
-            st.pooling_sum = np.zeros(sf.num_tables, np.int64)
+            pooling_sum = st.pooling_sum = np.zeros(sf.num_tables, np.int64)
         elif sf.keys != st.keys:
             raise InvalidBatchError(
                 f"batch {i}: tables {list(sf.keys)} differ from {list(st.keys)}")
@@ -402,7 +402,7 @@ def analyze(batches: Iterable[Any], *, rows: Sequence[int] | None = None,
             uniq += ids.size
             counters[t].add(ids, counts)
             s, e = sf.table_range(t)
-            st.pooling_sum[t] += e - s
+            pooling_sum[t] += e - s
         st.unique_per_batch.append(uniq)
         lens = sf.lengths
         if lens.size:

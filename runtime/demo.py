@@ -27,6 +27,7 @@ from runtime.checkpoint import save_dlrm_checkpoint
 from runtime.convert import store_from_checkpoint
 from runtime.model import DLRMConfig, random_dense
 from runtime.session import InferenceSession, RuntimeConfig
+from tiermem.cache.cache import CachedTier
 from tiermem.config import TierConfig, TierKind
 from tiermem.features import SparseFeatures
 from tiermem.kernels import kernel_census
@@ -105,7 +106,7 @@ def _run_tier(model: Path, store: Path, setup: _Setup, dense: list[np.ndarray],
         wall = time.perf_counter() - t0
         compiled_measuring = kernel_census().since(census).signatures
         tot = sess.tier.stats.total()  # a cache records its cold reads here too
-        pf = getattr(sess.tier, "prefetch_counters", None)
+        pf = sess.tier.prefetch_counters if isinstance(sess.tier, CachedTier) else None
     n = sum(len(p) for p in preds)
     modeled = tot.modeled_delay_seconds
     rows_read, bytes_read, read_ops = tot.rows_read, tot.bytes_read, tot.read_ops

@@ -187,9 +187,8 @@ class ServingRuntime:
     def _warm(self, profile: Mapping[str, np.ndarray] | None) -> None:
         try:
             if self.config.warmup:
-                warm = getattr(self.session, "warmup", None)
-                if warm is not None:  # every kernel variant the batches will run
-                    self.warmup_report = warm()
+                # every kernel variant the batches will run
+                self.warmup_report = self.session.warmup()
                 d, s = self.example_batch(2)
                 self.session.predict(d, s)
                 self.session.predict(d[:1], _head(s, 1))

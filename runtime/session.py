@@ -325,8 +325,9 @@ class InferenceSession:
 
     def warm(self, profile: Mapping[str, np.ndarray]) -> int:
         """Fill the cache from a popularity profile (table -> ids seen); rows loaded."""
-        warm = getattr(self.tier, "warm", None)
-        return int(warm(dict(profile))) if warm is not None else 0
+        from tiermem.cache.cache import CachedTier
+
+        return int(self.tier.warm(dict(profile))) if isinstance(self.tier, CachedTier) else 0
 
     # -- lifetime ------------------------------------------------------------
     @property

@@ -52,19 +52,20 @@ class TierMetrics:
                   ) -> TierMetrics:
         """The metrics of ``tier`` now (a :class:`~tiermem.tiers.Tier`, cached or not);
         ``table_of`` maps the tier's table names to the model's (a shard's pieces)."""
-        cold = getattr(tier, "cold", tier)
-        kind = cold.config.kind.value
+        from tiermem.cache.cache import CachedTier
+
+        cached = tier if isinstance(tier, CachedTier) else None
+        kind = (cached.cold if cached is not None else tier).config.kind.value
         snap = tier.stats.to_dict()
         tables: dict[str, TableStats] = {}
         for name, counts in snap["tables"].items():
             key = table_of(name) if table_of is not None else name
             tables.setdefault(key, TableStats()).add(TableStats(**counts))
         cache = None
-        stats_of = getattr(tier, "cache_stats", None)
-        if stats_of is not None:
-            cs = stats_of()
+        if cached is not None:
+            cs = cached.cache_stats()
             cache = CacheMetrics(
-                nbytes=int(getattr(tier, "nbytes", 0)),
+                nbytes=int(cached.nbytes),
                 capacity_rows=int(cs.get("capacity_rows", 0)),
                 resident_rows=int(sum(v.get("resident", 0) for v in cs.values()
                                       if isinstance(v, dict) and "resident" in v)),

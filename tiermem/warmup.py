@@ -73,8 +73,10 @@ def warm_tier(tier: Tier, *, names: Sequence[str] | None = None,
     mode = PoolingMode.parse(pooling)
     sizes = tuple(batch_sizes) if batch_sizes is not None else default_batch_sizes(len(names))
     weight_modes = [False, True] if weighted and mode is PoolingMode.SUM else [False]
-    cold = getattr(tier, "cold", None)
-    scratch = tier.scratch_copy() if hasattr(tier, "scratch_copy") else None
+    from tiermem.cache.cache import CachedTier
+
+    cold = tier.cold if isinstance(tier, CachedTier) else None
+    scratch = tier.scratch_copy() if isinstance(tier, CachedTier) else None
     run_on = scratch if scratch is not None else tier
     # not counted: this thread's batches only (a service may serve others meanwhile)
     quiet = contextlib.ExitStack()

@@ -187,8 +187,9 @@ class EmbeddingShard:
 
     def warm(self, profile: Mapping[str, np.ndarray]) -> int:
         """Fill the cache from ids seen per piece name; rows loaded (0 without a cache)."""
-        warm = getattr(self.tier, "warm", None)
-        return int(warm(dict(profile))) if warm is not None else 0
+        from tiermem.cache.cache import CachedTier
+
+        return int(self.tier.warm(dict(profile))) if isinstance(self.tier, CachedTier) else 0
 
     # -- introspection -------------------------------------------------------
     def ready(self) -> dict[str, Any]:
@@ -211,10 +212,11 @@ class EmbeddingShard:
                              "cpu_seconds": _cpu_seconds()}
         if self.tier is not None:
             d["tier"] = self.tier.stats.to_dict()
-        cache_stats = getattr(self.tier, "cache_stats", None)
-        if cache_stats is not None:
-            d["cache"] = cache_stats()
-            d["cache_nbytes"] = int(getattr(self.tier, "nbytes", 0))
+        from tiermem.cache.cache import CachedTier
+
+        if isinstance(self.tier, CachedTier):
+            d["cache"] = self.tier.cache_stats()
+            d["cache_nbytes"] = int(self.tier.nbytes)
         if self.prefetcher is not None:
             d["prefetch_dropped_batches"] = self.prefetcher.dropped_batches
         return d

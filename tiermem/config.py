@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, TypeVar
 from tiermem.errors import ConfigError
 
 __all__ = ["Choice", "ConfigDict", "ConfigField", "PoolingMode", "TierConfig", "TierKind",
-           "config_fields", "parse_bytes"]
+           "attribute_docstrings", "config_fields", "parse_bytes"]
 
 _C = TypeVar("_C")
 
@@ -247,12 +247,11 @@ class ConfigField(NamedTuple):
 
 
 @functools.cache
-def _docstrings(cls: type) -> dict[str, str]:
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef)), [])
+def attribute_docstrings(cls: ast.ClassDef) -> dict[str, str]:
+    """Field name -> its attribute docstring (the string literal right after the field in
+    the class body), whitespace folded. Shared with the CLI, which reads the config
+    classes' source without importing them."""
+    body = cls.body
     out = {}
     for node, nxt in zip(body, body[1:], strict=False):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
@@ -260,6 +259,15 @@ def _docstrings(cls: type) -> dict[str, str]:
                 and isinstance(nxt.value.value, str):
             out[node.target.id] = " ".join(nxt.value.value.split())
     return out
+
+
+def _docstrings(cls: type) -> dict[str, str]:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    node = next((n for n in tree.body if isinstance(n, ast.ClassDef)), None)
+    return attribute_docstrings(node) if node is not None else {}
 
 
 def _holds_dataclass(tp: Any) -> bool:

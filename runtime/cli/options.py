@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tiermem.config import attribute_docstrings
 from tiermem.errors import ConfigError
 
 __all__ = ["ConfigOptions", "FieldSpec", "config_fields"]
@@ -120,14 +121,6 @@ def _enum_members(cls: ast.ClassDef) -> dict[str, str]:
             for t in n.targets if isinstance(t, ast.Name)}
 
 
-def _docstring_after(body: list[ast.stmt], i: int) -> str:
-    nxt = body[i + 1] if i + 1 < len(body) else None
-    if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
-            and isinstance(nxt.value.value, str):
-        return " ".join(nxt.value.value.split())
-    return ""
-
-
 def _value(module: str, node: ast.expr) -> Any:
     """The value of a default written as a constant expression (``1 << 24``, ``-1.0``,
     ``TierKind.DRAM`` -> ``"dram"``, a module constant)."""
@@ -185,12 +178,13 @@ def config_fields(ref: str) -> tuple[FieldSpec, ...]:
     where, cls = _lookup(module, name)
     if not isinstance(cls, ast.ClassDef) or not _is_dataclass(cls):
         raise ConfigError(f"{ref} is not a dataclass")
+    docs = attribute_docstrings(cls)
     out = []
-    for i, node in enumerate(cls.body):
+    for node in cls.body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
                 and "ClassVar" not in ast.unparse(node.annotation):
             out.append(_field(where, name, node.target.id, node.annotation, node.value,
-                              _docstring_after(cls.body, i)))
+                              docs.get(node.target.id, "")))
     return tuple(out)
 
 

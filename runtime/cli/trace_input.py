@@ -37,8 +37,9 @@ def open_trace(args: argparse.Namespace) -> Any:
 
 def add_source_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("input")
-    # traces.formats.FORMATS, spelled out: the registry imports numpy and Numba
-    g.add_argument("--from", dest="source", choices=["native", "meta", "criteo"], default=None,
+    from traces.formats.registry import FORMATS  # names only: no numpy, no Numba
+
+    g.add_argument("--from", dest="source", choices=list(FORMATS), default=None,
                    help="input format (default: a directory is native, *.pt[.gz] is Meta "
                         "dlrm_datasets, anything else Criteo TSV)")
     g.add_argument("--batch-size", type=positive_int, default=None,

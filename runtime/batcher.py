@@ -198,9 +198,10 @@ def concat_features(parts: list[SparseFeatures]) -> SparseFeatures:
                                                [p.weights for p in parts], len(keys))
     merged = SparseFeatures.trusted(keys, values, offsets, weights)
     first = parts[0]
-    if isinstance(first, CheckedFeatures) and all(
-            isinstance(p, CheckedFeatures) and p.bounds == first.bounds for p in parts):
-        return first.derive(merged, sum(p.dropped for p in parts))  # still checked
+    checked = [p for p in parts if isinstance(p, CheckedFeatures)]
+    if isinstance(first, CheckedFeatures) and len(checked) == len(parts) and all(
+            p.bounds == first.bounds for p in checked):
+        return first.derive(merged, sum(p.dropped for p in checked))  # still checked
     return merged
 
 
@@ -821,8 +822,9 @@ class DynamicBatcher:
     def _finish(self, r: _Request, preds: np.ndarray | None, exc: BaseException | None) -> None:
         r.state = _DONE
         now = time.monotonic()
-        late = exc is None and r.deadline is not None and now > r.deadline
-        if late:  # an answer after the deadline is an error, not a success
+        late = False
+        if exc is None and r.deadline is not None and now > r.deadline:
+            late = True  # an answer after the deadline is an error, not a success
             exc = DeadlineExceeded(
                 f"the request finished {(now - r.deadline) * 1e3:.3g} ms after its deadline "
                 f"(its result was discarded)")

@@ -33,15 +33,15 @@ import os
 import re
 import tempfile
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
-from runtime.model import DenseDLRM, DLRMConfig, random_dense
+from runtime.model import DenseDLRM, DLRMConfig, Interaction, random_dense
 from tiermem.atomicio import chmod_default
 from tiermem.errors import ConfigError, StoreFormatError
 
@@ -353,7 +353,7 @@ def load_checkpoint(path: str | os.PathLike[str], layout: str = "auto") -> Check
         num_tables=num_tables,
         bottom_mlp=tuple(int(w.shape[0]) for w, _ in bot_layers),
         top_mlp=tuple(int(w.shape[0]) for w, _ in top_layers),
-        interaction=layout,
+        interaction=Interaction.parse(layout),
     )
     dense_state: dict[str, torch.Tensor] = {}
     for part, layers in (("bottom", bot_layers), ("top", top_layers)):
@@ -405,7 +405,8 @@ def _check_writer_args(
 
 def _dense_weights(dense: DenseDLRM) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], ...]:
     def grab(layers: nn.ModuleList) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(m.weight.detach().clone(), m.bias.detach().clone()) for m in layers]
+        linears = cast("Iterable[nn.Linear]", layers)  # _linears: every layer is Linear
+        return [(m.weight.detach().clone(), m.bias.detach().clone()) for m in linears]
 
     return grab(dense.bottom), grab(dense.top)
 

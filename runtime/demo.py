@@ -25,7 +25,7 @@ import numpy as np
 
 from runtime.checkpoint import save_dlrm_checkpoint
 from runtime.convert import store_from_checkpoint
-from runtime.model import DLRMConfig, random_dense
+from runtime.model import DLRMConfig, Interaction, random_dense
 from runtime.session import InferenceSession, RuntimeConfig
 from tiermem.cache.cache import CachedTier
 from tiermem.config import TierConfig, TierKind
@@ -77,13 +77,15 @@ SETUPS = (_Setup("dram", TierKind.DRAM), _Setup("ssd", TierKind.SSD),
 
 
 def _run_tier(model: Path, store: Path, setup: _Setup, dense: list[np.ndarray],
-              batches: list[SparseFeatures], threads: int | None,
+              batches: list[SparseFeatures], threads: int | str | None,
               cache_share: float) -> dict[str, Any]:
     from tiermem.cache.cache import CacheConfig
+    from tiermem.cache.policy import Policy
     from tiermem.cache.prefetch import PrefetchConfig
+    from tiermem.tiers.ssd import SsdTier
 
     cfg = RuntimeConfig(tier=TierConfig(kind=setup.kind), num_threads=threads,
-                        cache=CacheConfig(policy="clock", capacity_fraction=cache_share)
+                        cache=CacheConfig(policy=Policy.CLOCK, capacity_fraction=cache_share)
                         if setup.cache else None,
                         prefetch=PrefetchConfig(lookahead=2) if setup.cache else None)
     t_open = time.perf_counter()
@@ -91,7 +93,9 @@ def _run_tier(model: Path, store: Path, setup: _Setup, dense: list[np.ndarray],
         t_open = time.perf_counter() - t_open
         warm = sess.warmup()  # every kernel compiled or loaded now, not in a measured batch
         if setup.kind is TierKind.SSD:
-            getattr(sess.tier, "cold", sess.tier).drop_page_cache()  # type: ignore[attr-defined]
+            cold = sess.tier.cold if isinstance(sess.tier, CachedTier) else sess.tier
+            assert isinstance(cold, SsdTier)  # an ssd setup's tier
+            cold.drop_page_cache()
         census = kernel_census()
         preds, lat = [], []
         t0 = time.perf_counter()
@@ -162,7 +166,8 @@ def run_demo(cfg: DemoConfig = DemoConfig(), *, log: Any = print) -> dict[str, A
     rows = [min(r, cfg.max_rows) for r in KAGGLE_ROWS]
     names = [f"emb_l.{i}" for i in range(len(rows))]
     mcfg = DLRMConfig(num_dense=13, embedding_dim=cfg.dim, num_tables=len(rows),
-                      bottom_mlp=(128, 64, cfg.dim), top_mlp=(256, 128, 1), interaction="dlrm")
+                      bottom_mlp=(128, 64, cfg.dim), top_mlp=(256, 128, 1),
+                      interaction=Interaction.DLRM)
     model_path = out / "model.pt"
     store_path = out / "store.zarr"
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -171,6 +171,11 @@ class DenseDLRM(nn.Module):
     Linear + ReLU; the last is Linear, and :meth:`forward` applies the sigmoid.
     """
 
+    # buffers (register_buffer): nn.Module's __getattr__ finds them, typed Tensor | Module
+    li: torch.Tensor
+    lj: torch.Tensor
+    lflat: torch.Tensor
+
     def __init__(self, config: DLRMConfig) -> None:
         super().__init__()
         if not isinstance(config, DLRMConfig):
@@ -215,7 +220,7 @@ class DenseDLRM(nn.Module):
                 f"Batch size mismatch: dense has B={dense.shape[0]} rows,"
                 f" pooled has B={pooled.shape[0]}."
             )
-        dtype = self.top[0].weight.dtype
+        dtype = cast(nn.Linear, self.top[0]).weight.dtype  # _linears: every layer is Linear
         return dense.to(dtype), pooled.to(dtype)
 
     def interact(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ and the kernels hold no per-call state; torch modules are read-only).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -171,34 +171,34 @@ class InferenceSession:
     def __init__(self, dense: DenseDLRM, tier: Tier | TierStack, table_names: Sequence[str],
                  config: RuntimeConfig | None = None) -> None:
         stack = tier if isinstance(tier, TierStack) else None
-        tier = stack.tier if stack is not None else tier
+        top: Tier = tier.tier if isinstance(tier, TierStack) else tier
         self.dense = dense.eval()
-        self.tier = tier
-        self.config = config or RuntimeConfig(tier=tier.config)
-        self.table_names = tuple(table_names)
+        self.tier = top
+        self.config = config or RuntimeConfig(tier=top.config)
+        self.table_names: Sequence[str] = tuple(table_names)
         cfg = dense.config
         if len(self.table_names) != cfg.num_tables:
             raise ConfigError(f"the model has {cfg.num_tables} tables but "
                               f"{len(self.table_names)} table names were given")
         self._rows = []
         for name in self.table_names:
-            spec = tier.tables[tier.table_index(name)].spec
+            spec = top.tables[top.table_index(name)].spec
             self._rows.append(spec.rows)
             if spec.dim != cfg.embedding_dim:
                 raise ConfigError(f"table {name!r} has dim {spec.dim} in the store but the model "
                                   f"expects {cfg.embedding_dim}")
         if isinstance(self.config.num_threads, int):
             torch.set_num_threads(self.config.num_threads)
-        self._forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
+        self._forward: DenseDLRM | TracedDense = (
             TracedDense(self.dense) if self.config.trace_dense else self.dense)
         self.prefetcher: Prefetcher | None = stack.prefetcher if stack is not None else None
         if self.config.prefetch is not None and stack is None:
             from tiermem.cache.cache import CachedTier
             from tiermem.cache.prefetch import Prefetcher
 
-            if not isinstance(tier, CachedTier):
+            if not isinstance(top, CachedTier):
                 raise ConfigError("prefetch needs a cached tier (RuntimeConfig.cache)")
-            self.prefetcher = Prefetcher(tier, self.config.prefetch)
+            self.prefetcher = Prefetcher(top, self.config.prefetch)
 
     @classmethod
     def open(cls, model: str | os.PathLike[str], store: str | os.PathLike[str],
@@ -263,6 +263,7 @@ class InferenceSession:
         identical to calling :meth:`predict` on each batch in turn.
         """
         ahead = self.config.prefetch.lookahead if self.config.prefetch is not None else 0
+        prefetcher = self.prefetcher
 
         def prepare(batch: tuple[Any, SparseFeatures | Mapping[str, Any]]
                     ) -> tuple[torch.Tensor, CheckedFeatures]:
@@ -274,8 +275,8 @@ class InferenceSession:
                 launch=lambda item, _later: ex.submit(self._embed_features, item[1]),
                 finish=lambda item, fut: self._mlp(item[0], fut.result()),
                 overlap=pipeline, horizon=2 + ahead,
-                hint=(lambda item: self.prefetcher.submit(item[1]))
-                if self.prefetcher is not None else None)
+                hint=(lambda item: prefetcher.submit(item[1]))
+                if prefetcher is not None else None)
 
     def _embed_features(self, features: SparseFeatures) -> np.ndarray:
         with kernel_threads(self.config.num_threads):
@@ -317,8 +318,8 @@ class InferenceSession:
         return warm_tier(self.tier, names=self.table_names, pooling=self.config.pooling,
                          bounds=self.config.bounds_check,
                          # "auto" may run a batch on every core: compile the parallel kernels
-                         num_threads=None if self.config.num_threads == "auto"
-                         else self.config.num_threads,
+                         num_threads=self.config.num_threads
+                         if isinstance(self.config.num_threads, int) else None,
                          weighted=weighted, batch_sizes=batch_sizes,
                          prefetch=self.config.prefetch if self.prefetcher is not None else None,
                          on_pooled=mlp)

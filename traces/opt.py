@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import numpy as np
 
@@ -114,6 +115,15 @@ def _prepare(k: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return dense, _next_use_from(order, same, k.size), u
 
 
+@overload
+def belady(keys: np.ndarray | Sequence[int], capacity_rows: int, *, bypass: bool = ...,
+           return_hits: Literal[False] = ...) -> OptResult: ...
+@overload
+def belady(keys: np.ndarray | Sequence[int], capacity_rows: int, *, bypass: bool = ...,
+           return_hits: Literal[True]) -> tuple[OptResult, np.ndarray]: ...
+@overload
+def belady(keys: np.ndarray | Sequence[int], capacity_rows: int, *, bypass: bool = ...,
+           return_hits: bool) -> OptResult | tuple[OptResult, np.ndarray]: ...
 def belady(keys: np.ndarray | Sequence[int], capacity_rows: int, *, bypass: bool = False,
            return_hits: bool = False) -> OptResult | tuple[OptResult, np.ndarray]:
     """Simulate OPT on ``keys`` with a cache of ``capacity_rows`` rows.

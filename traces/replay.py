@@ -101,8 +101,10 @@ class ReplayModel(Protocol):
     sparse)`` pairs in, predictions out, in order).
     """
 
-    name: str
-    """What the report's ``model`` says (the checkpoint's path)."""
+    @property
+    def name(self) -> str:
+        """What the report's ``model`` says (the checkpoint's path)."""
+        ...
 
     def open(self, store: StoreInfo, *, tier: TierConfig, cache: CacheConfig | None,
              prefetch: PrefetchConfig | None) -> Any: ...

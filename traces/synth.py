@@ -38,6 +38,7 @@ import numpy as np
 from tiermem.config import ConfigDict
 from tiermem.errors import ConfigError
 from tiermem.features import SparseFeatures
+from traces.formats.base import Trace
 from traces.formats.batch import TraceBatch
 from traces.presets import DLRMV2_MULTI_HOT, TABLE_PRESETS, table_preset
 
@@ -414,7 +415,7 @@ def generate(config: GeneratorConfig) -> Iterator[Any]:
         yield TraceBatch(None, sf, None)
 
 
-class SyntheticTrace:
+class SyntheticTrace(Trace):
     """:func:`generate` as a :class:`~traces.formats.Trace` (keys, rows, iteration)."""
 
     num_dense = 0

@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tiermem.cache.cache import CacheConfig, CachedTier, parse_cache_size
+from tiermem.cache.cache import Admission, CacheConfig, CachedTier, parse_cache_size
 from tiermem.cache.policy import Policy, hot_keys
 from tiermem.errors import CapacityError, ConfigError, InvalidBatchError
 from tiermem.kernels import kernel_census
@@ -115,9 +115,12 @@ def cache_config(policy: str, size: str | int, *, admission: str | None = None,
     if pol is Policy.HYBRID and not 0 <= pinned_fraction < 1:
         raise ConfigError(f"hybrid: pinned_fraction must be in [0, 1) (one slot stays "
                           f"dynamic), got {pinned_fraction!r}")
-    return CacheConfig(policy=pol.value, admission=admission, dynamic=dynamic,
+    sized = parse_size(size)
+    # parsed in CacheConfig's order (policy, dynamic, admission), after the size
+    return CacheConfig(policy=pol, dynamic=Policy.parse(dynamic),
+                       admission=None if admission is None else Admission.parse(admission),
                        pinned_fraction=pinned_fraction if pol is Policy.HYBRID else 0.0,
-                       lfu_aging_period=lfu_aging_period, **parse_size(size))
+                       lfu_aging_period=lfu_aging_period, **sized)
 
 
 def _policy(name: str) -> Policy:
@@ -348,9 +351,9 @@ def _streams(batches: Iterable[Any], layout: CacheLayout, max_batches: int | Non
         counts = np.concatenate(counts_p[gi]) if counts_p[gi] else np.zeros(0, np.int64)
         # the profile's multiset of ids: distinct ids repeated by their counts (hot_keys
         # only counts occurrences, so this ranks exactly like the raw ids)
-        e = bounds[n_profile]
+        end = bounds[n_profile]
         out.append(_GroupStream(keys=keys, counts=counts, bounds=bounds,
-                                profile=np.repeat(keys[:e], counts[:e])))
+                                profile=np.repeat(keys[:end], counts[:end])))
     return out, n, n_profile, np.asarray(lookups, np.int64)
 
 
@@ -798,7 +801,8 @@ def _mrc_figure(results: TuneResults, target_hit_rate: float | None = None,
 
     xpos, xlabel = _size_axis(results)
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
-    colors = plt.get_cmap("tab10").colors
+    # tab10 is a ListedColormap, its colors a tuple of RGB tuples: get_cmap is typed Colormap
+    colors: Sequence[Any] = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]
     base = list(dict.fromkeys(p.split("+")[0] for p in results.policies if p != OPT))
     for p in results.policies:
         pts = sorted((xpos[r.size], r.miss_ratio) for r in results.results if r.policy == p)

@@ -66,8 +66,9 @@ def _options(w: argparse.ArgumentParser) -> None:
 def _warm_store(store: Path, model: str | None, tiers: list[str], cache: bool
                 ) -> list[dict[str, Any]]:
     from tiermem.cache.cache import CacheConfig, CachedTier
+    from tiermem.cache.policy import Policy
     from tiermem.cache.prefetch import PrefetchConfig
-    from tiermem.config import TierConfig
+    from tiermem.config import TierConfig, TierKind
     from tiermem.format import open_store
     from tiermem.tiers import open_tier
     from tiermem.warmup import warm_tier
@@ -76,19 +77,19 @@ def _warm_store(store: Path, model: str | None, tiers: list[str], cache: bool
     setups = [(t, False) for t in tiers] + [(t, True) for t in tiers if cache and t != "dram"]
     for kind, cached in setups:
         label = kind + ("+cache" if cached else "")
-        ccfg = CacheConfig(policy="clock", capacity_fraction=0.1) if cached else None
+        ccfg = CacheConfig(policy=Policy.CLOCK, capacity_fraction=0.1) if cached else None
         pcfg = PrefetchConfig() if cached else None
         if model is not None:
             from runtime.session import InferenceSession, RuntimeConfig
 
             with InferenceSession.open(model, store, RuntimeConfig(
-                    tier=TierConfig(kind=kind), cache=ccfg, prefetch=pcfg)) as sess:
+                    tier=TierConfig(kind=TierKind.parse(kind)), cache=ccfg, prefetch=pcfg)) as sess:
                 rep = sess.warmup()
         else:
-            tier = open_tier(open_store(store), TierConfig(kind=kind))
+            tier = open_tier(open_store(store), TierConfig(kind=TierKind.parse(kind)))
             try:
-                if cached:
-                    tier = CachedTier(tier, ccfg)  # type: ignore[arg-type]
+                if ccfg is not None:  # cached
+                    tier = CachedTier(tier, ccfg)
                 rep = warm_tier(tier, prefetch=pcfg)
             finally:
                 tier.close()

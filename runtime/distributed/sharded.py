@@ -131,7 +131,7 @@ class ShardedSession:
         self.config = config or RuntimeConfig()
         self.options = options or ShardOptions()
         self.plan = plan
-        self.table_names = tuple(table_names)
+        self.table_names: Sequence[str] = tuple(table_names)
         cfg = dense.config
         if len(self.table_names) != cfg.num_tables:
             raise ConfigError(f"the model has {cfg.num_tables} tables but "
@@ -155,7 +155,7 @@ class ShardedSession:
         self.batches = 0
         self.request_bytes = 0
         self.actors: dict[int, Any] = {}
-        self._dag = None
+        self._dag: Any = None
         self._closed = False
         try:
             remote_cls = self._ray.remote(EmbeddingShard)
@@ -169,7 +169,7 @@ class ShardedSession:
                          list(self.table_names))
             self.shard_info = self.wait_ready(self.options.startup_timeout_s)
             self._pids = {i["shard"]: i["pid"] for i in self.shard_info}
-            self._dag: Any = None
+            self._dag = None
             self._dag_lock = threading.RLock()
             if self.options.transport == "compiled":
                 self._dag = self._compile()
@@ -247,7 +247,8 @@ class ShardedSession:
         compiled = dag.experimental_compile()
         # the first execution sets the channels up (seconds here): do it now with an
         # empty batch, so that a batch's timeout measures the shards, not the set-up
-        empty = (np.zeros(0, np.int64), np.zeros(1, np.int64), None, "sum", [])
+        empty: tuple[np.ndarray, np.ndarray, None, str, list[tuple[np.ndarray, np.ndarray]]] = (
+            np.zeros(0, np.int64), np.zeros(1, np.int64), None, "sum", [])
         try:
             self._ray.get(compiled.execute(empty), timeout=self.options.startup_timeout_s)
         except Exception:
@@ -296,8 +297,9 @@ class ShardedSession:
         """The shards whose actors a Ray error names (a restarting actor may not answer
         the probe in time, but the error itself says which actor it was)."""
         ids = set(re.findall(r"\b[0-9a-f]{32}\b", str(e)))
-        if getattr(e, "actor_id", None):
-            ids.add(str(e.actor_id))
+        actor_id = getattr(e, "actor_id", None)
+        if actor_id:
+            ids.add(str(actor_id))
         return [s for s, a in self.actors.items() if a._actor_id.hex() in ids]
 
     def _describe(self, shards: list[int]) -> str:
@@ -359,7 +361,7 @@ class ShardedSession:
 
     # -- inference ---------------------------------------------------------------
     def _route(self, sparse: SparseFeatures | Mapping[str, Any]
-               ) -> tuple[SparseFeatures, list[ShardRequest]]:
+               ) -> tuple[CheckedFeatures, list[ShardRequest]]:
         f = self.check(sparse)
         return f, self.router.split_batch(f)
 

@@ -107,7 +107,7 @@ def create_app(runtime: ServingRuntime, *, max_body_bytes: int = DEFAULT_MAX_BOD
         raise ConfigError("auth_token must not be empty")
     expected_auth = None if auth_token is None else f"Bearer {auth_token}".encode()
     registry = CollectorRegistry(auto_describe=False)
-    collector: Collector = RuntimeCollector(runtime)  # type: ignore[assignment]
+    collector: Collector = RuntimeCollector(runtime)
     registry.register(collector)
     http_requests = Counter("tiermem_http_requests", "HTTP requests by endpoint and status",
                             ["endpoint", "code"], registry=registry)

@@ -341,7 +341,8 @@ def _read_npz(raw: bytes, max_unpacked_bytes: int) -> dict[str, np.ndarray]:
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 
 
-def _npz_member(raw: bytes, info: zipfile.ZipInfo, budget: int) -> memoryview | bytes | None:
+def _npz_member(raw: bytes, info: zipfile.ZipInfo, budget: int
+                ) -> memoryview | bytes | bytearray | None:
     """A member's bytes, or None when they are more than ``budget``.
 
     Inflated in steps of at most 16 KiB in and 1 MiB out, so no step holds the
@@ -358,12 +359,13 @@ def _npz_member(raw: bytes, info: zipfile.ZipInfo, budget: int) -> memoryview | 
     if len(comp) != info.compress_size:
         raise ValueError(f"member {info.filename[:80]!r} runs past the end of the body")
     if info.compress_type == zipfile.ZIP_STORED:
-        data: memoryview | bytes = comp
+        data: memoryview | bytes | bytearray = comp
         if len(data) > budget:
             return None
     else:
         d = zlib.decompressobj(-zlib.MAX_WBITS)
         out, pos = bytearray(), 0
+        inp: bytes | memoryview
         while not d.eof:
             if d.unconsumed_tail:
                 inp = d.unconsumed_tail

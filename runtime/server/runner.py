@@ -67,7 +67,8 @@ def server_config(app: Any, *, limit_concurrency: int | None = DEFAULT_LIMIT_CON
 
     return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
                           timeout_graceful_shutdown=30, limit_concurrency=limit_concurrency,
-                          timeout_keep_alive=timeout_keep_alive,
+                          # typed int, but only handed to loop.call_later: fractions work
+                          timeout_keep_alive=timeout_keep_alive,  # type: ignore[arg-type]
                           h11_max_incomplete_event_size=64 << 10,
                           http=_protocol_class(header_timeout_s), **kw)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
@@ -151,7 +151,7 @@ class CriteoTrace(Trace):
         return self._rows
 
     @staticmethod
-    def _open(path: Path) -> IO[bytes]:
+    def _open(path: Path) -> io.BufferedIOBase:
         return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
     def _detect(self, path: Path) -> bool:

@@ -158,9 +158,9 @@ class TraceWriter:
                 raise TraceFormatError(f"{self.path} batch {i}: {e}") from None
         arrays: dict[str, np.ndarray] = {"values": sparse.values, "offsets": sparse.offsets}
         for t in range(len(self.keys)):
-            s, e = sparse.table_range(t)
-            if e > s:
-                self._max[t] = max(self._max[t], int(sparse.values[s:e].max()))
+            s, end = sparse.table_range(t)
+            if end > s:
+                self._max[t] = max(self._max[t], int(sparse.values[s:end].max()))
         if sparse.values.size and sparse.values.min() < 0:
             raise TraceFormatError(f"{self.path} batch {i}: negative id")
         for name, arr, flag in (("weights", sparse.weights, "_weights"),
@@ -186,7 +186,8 @@ class TraceWriter:
                 raise InvalidBatchError(f"batch {i}: {lab.size} labels for {b} samples")
             arrays["labels"] = lab
         save = np.savez_compressed if self.compress else np.savez
-        save(self._tmp / "batches" / f"{i:06d}.npz", **arrays)
+        # (no key is savez's allow_pickle: mypy cannot tell from the dict's type)
+        save(self._tmp / "batches" / f"{i:06d}.npz", **arrays)  # type: ignore[arg-type]
         self._sizes.append(b)
         self._lookups += int(sparse.values.size)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.cli.argtypes import positive_int
+from runtime.cli.options import ConfigOptions
 from runtime.cli.trace_input import add_source_options, open_trace, table_map
 from tiermem.errors import CapacityError, ConfigError
 
@@ -82,12 +83,7 @@ def _profile(args: argparse.Namespace, specs: list[Any]) -> Any:
 
 
 def _cost_model(args: argparse.Namespace) -> Any:
-    from runtime.distributed.planner import CostModel
-
-    kw = {f: getattr(args, f"cost_{f}") for f in ("rtt_us", "ns_per_lookup", "ns_per_lookup_byte",
-                                                   "ns_per_byte_gathered", "network_gbytes_per_s")
-          if getattr(args, f"cost_{f}") is not None}
-    return CostModel(**kw)
+    return args.cost_options.build(args)
 
 
 def format_plan(plan: Any) -> str:
@@ -260,13 +256,7 @@ def _options(p: argparse.ArgumentParser) -> None:
                    help="also plan with every strategy and print their predictions side by side")
     g.add_argument("--json", action="store_true", help="print JSON instead of text")
     c = p.add_argument_group("cost model (see runtime/distributed/planner.py)")
-    c.add_argument("--cost-rtt-us", type=_nonneg_float, default=None,
-                   help="round trip to a shard, us (default 1000)")
-    c.add_argument("--cost-ns-per-lookup", type=_nonneg_float, default=None,
-                   help="SLS cost per lookup, fixed part, ns (default 2)")
-    c.add_argument("--cost-ns-per-lookup-byte", type=_nonneg_float, default=None,
-                   help="SLS cost per lookup per row byte, ns (default 0.02)")
-    c.add_argument("--cost-ns-per-byte-gathered", type=_nonneg_float, default=None,
-                   help="cost per byte of distinct rows gathered, ns (default 0.1)")
-    c.add_argument("--cost-network-gbytes-per-s", type=_nonneg_float, default=None,
-                   help="request/reply bandwidth, GB/s (default 1)")
+    # flags of CostModel's fields (--cost-rtt-us ...); the byte sizes of the wire stay fixed
+    p.set_defaults(cost_options=ConfigOptions(c, "runtime.distributed.planner:CostModel",
+                                              prefix="cost",
+                                              exclude=("id_bytes", "output_value_bytes")))

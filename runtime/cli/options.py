@@ -277,7 +277,7 @@ class ConfigOptions:
             dest = flag.replace("-", "_")
             default = defaults.get(f.name, f.default)
             required = default is _NO_DEFAULT
-            help_ = f.help.replace("%", "%%")
+            help_ = f.help.replace("``", "").replace("%", "%%")  # docstring markup off
             if f.name in notes:
                 help_ = f"{help_} ({notes[f.name]})".lstrip()
             if default is not None and default is not _NO_DEFAULT \

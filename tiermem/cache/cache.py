@@ -289,7 +289,7 @@ class CachedTier(Tier):
         out: dict[str, Any] = {"capacity_rows": self.capacity_rows,
                                "prefetch": asdict(self.prefetch_counters)}
         for key, g in self._pools.items():
-            out[f"{key[0].value}x{key[1]}"] = {"policy": g.policy.name,
+            out[f"{key[0].value}x{key[1]}"] = {"policy": g.policy.name.value,
                                                "resident": len(g.policy),
                                                **asdict(g.policy.stats)}
         return out

@@ -229,7 +229,7 @@ class InferenceSession:
     # -- inference ---------------------------------------------------------
     def embed(self, sparse: SparseFeatures | Mapping[str, Any]) -> np.ndarray:
         """Pooled embeddings ``(B, T, D)`` in the model's table order."""
-        return self._embed_features(self._features(sparse))
+        return self._embed_features(self.check(sparse))
 
     def predict(self, dense: Any, sparse: SparseFeatures | Mapping[str, Any]) -> np.ndarray:
         """Click probabilities ``(B,)`` float32 for a batch."""
@@ -242,7 +242,6 @@ class InferenceSession:
         return check_batch(batch_features(sparse, self.table_names), self._rows,
                            self.config.bounds_check)
 
-    _features = check
 
     def _dense(self, dense: Any) -> torch.Tensor:
         return dense_tensor(dense, self.dense.config.num_dense)
@@ -251,7 +250,7 @@ class InferenceSession:
         """Announce a batch that will run soon: its missing rows are read ahead."""
         if self.prefetcher is None:
             return
-        self.prefetcher.submit(self._features(sparse))
+        self.prefetcher.submit(self.check(sparse))
 
     def predict_stream(self, batches: Iterable[tuple[Any, SparseFeatures | Mapping[str, Any]]],
                        *, pipeline: bool = True) -> Iterator[np.ndarray]:
@@ -267,7 +266,7 @@ class InferenceSession:
 
         def prepare(batch: tuple[Any, SparseFeatures | Mapping[str, Any]]
                     ) -> tuple[torch.Tensor, CheckedFeatures]:
-            return self._dense(batch[0]), self._features(batch[1])
+            return self._dense(batch[0]), self.check(batch[1])
 
         with ThreadPoolExecutor(1, thread_name_prefix="tiermem-embed") as ex:
             yield from pipelined(

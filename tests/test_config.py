@@ -1,11 +1,10 @@
 """The shared config machinery (tiermem/config.py): Choice enums, ConfigDict's
-to_dict/from_dict round trip on every config dataclass, and config_fields."""
+to_dict/from_dict round trip on every config dataclass."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
@@ -20,7 +19,7 @@ from runtime.session import RuntimeConfig
 from tiermem.cache.cache import Admission, CacheConfig, CacheIndex
 from tiermem.cache.policy import Policy
 from tiermem.cache.prefetch import PrefetchConfig
-from tiermem.config import Choice, ConfigDict, TierConfig, TierKind, config_fields
+from tiermem.config import Choice, ConfigDict, TierConfig, TierKind
 from tiermem.errors import ConfigError
 from tiermem.format import TableSpec
 from traces.synth import GeneratorConfig, Pooling, PoolingKind
@@ -211,52 +210,3 @@ def test_generated_unknown_keys_are_rejected_and_named(cfg: ConfigDict, extra: l
     with pytest.raises(ConfigError) as e:
         type(cfg).from_dict({**cfg.to_dict(), **dict.fromkeys(extra, 1)})
     assert str(sorted(extra)) in str(e.value) and type(cfg).__name__ in str(e.value)
-
-
-# -- config_fields -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Inner(ConfigDict):
-    depth: int = 3
-    """How deep."""
-
-
-@dataclass(frozen=True)
-class _Outer(ConfigDict):
-    """A config for the test."""
-
-    name: str
-    """The name,
-    over two lines."""
-    inner: _Inner = field(default_factory=_Inner)
-    """The nested part."""
-    kind: TierKind = TierKind.SSD
-    maybe: _Inner | None = None
-    _private: int = field(default=0, repr=False)
-
-
-def test_config_fields_reads_types_defaults_and_docstrings() -> None:
-    fs = {f.name: f for f in config_fields(_Outer)}
-    assert list(fs) == ["name", "inner", "kind", "maybe"]  # private fields left out
-    assert fs["name"] == ("name", str, dataclasses.MISSING, "The name, over two lines.", False)
-    assert fs["inner"].nested and fs["inner"].default == _Inner() and fs["inner"].type is _Inner
-    assert fs["inner"].help == "The nested part."
-    assert fs["kind"].type is TierKind and fs["kind"].default is TierKind.SSD
-    assert fs["kind"].help == "" and not fs["kind"].nested
-    assert fs["maybe"].nested and fs["maybe"].default is None
-    assert config_fields(_Outer) is config_fields(_Outer)  # cached
-
-
-def test_config_fields_of_the_real_configs() -> None:
-    fs = {f.name: f for f in config_fields(ServingConfig)}
-    assert fs["batcher"].nested and fs["batcher"].type is BatcherConfig
-    assert not fs["warmup"].nested and fs["warmup"].default is True
-    b = {f.name: f for f in config_fields(BatcherConfig)}
-    assert b["overload"].type is OverloadMode and b["overload"].default is OverloadMode.REJECT
-    assert b["max_request_ids"].default == 1 << 24 and "ids" in b["max_request_ids"].help
-    r = {f.name: f for f in config_fields(RuntimeConfig)}
-    assert r["tier"].nested and r["tier"].type is TierConfig
-    assert r["cache"].nested and r["cache"].type == CacheConfig | None  # a TYPE_CHECKING import
-    assert "cache" in r["cache"].help.lower()
-    with pytest.raises(ConfigError, match="not a dataclass"):
-        config_fields(int)

@@ -1,7 +1,6 @@
 """Configuration of the tiers, as frozen dataclasses validated on creation, and what every
 config dataclass shares: :class:`Choice` enums for closed sets of names, :class:`ConfigDict`
-(``to_dict``/``from_dict`` in one place) and :func:`config_fields` (a field's type, default
-and docstring, for generated command-line options)."""
+(``to_dict``/``from_dict`` in one place)."""
 
 from __future__ import annotations
 
@@ -12,18 +11,16 @@ import functools
 import inspect
 import re
 import sys
-import textwrap
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from tiermem.errors import ConfigError
 
-__all__ = ["Choice", "ConfigDict", "ConfigField", "PoolingMode", "TierConfig", "TierKind",
-           "attribute_docstrings", "config_fields", "parse_bytes"]
+__all__ = ["Choice", "ConfigDict", "PoolingMode", "TierConfig", "TierKind", "parse_bytes"]
 
 _C = TypeVar("_C")
 
@@ -228,74 +225,6 @@ class ConfigDict:
     @classmethod
     def from_dict(cls: type[_C], d: Mapping[str, Any]) -> _C:
         return _from_dict(cls, d)
-
-
-# -- introspection ---------------------------------------------------------------------------
-
-class ConfigField(NamedTuple):
-    """One field of a config dataclass, for tools that describe or set configs (the CLI)."""
-
-    name: str
-    type: Any
-    """The resolved annotation (None if only type checkers can resolve it)."""
-    default: Any
-    """The default (a ``default_factory``'s product), or ``dataclasses.MISSING``."""
-    help: str
-    """The field's attribute docstring (the string literal after it), whitespace folded."""
-    nested: bool
-    """The field holds a config dataclass (possibly None): its own fields are options."""
-
-
-@functools.cache
-def attribute_docstrings(cls: ast.ClassDef) -> dict[str, str]:
-    """Field name -> its attribute docstring (the string literal right after the field in
-    the class body), whitespace folded. Shared with the CLI, which reads the config
-    classes' source without importing them."""
-    body = cls.body
-    out = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
-                and isinstance(nxt.value.value, str):
-            out[node.target.id] = " ".join(nxt.value.value.split())
-    return out
-
-
-def _docstrings(cls: type) -> dict[str, str]:
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    node = next((n for n in tree.body if isinstance(n, ast.ClassDef)), None)
-    return attribute_docstrings(node) if node is not None else {}
-
-
-def _holds_dataclass(tp: Any) -> bool:
-    opts = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) \
-        else (tp,)
-    return any(isinstance(a, type) and dataclasses.is_dataclass(a) for a in opts)
-
-
-@functools.cache
-def config_fields(cls: type) -> tuple[ConfigField, ...]:
-    """The constructor fields of the config dataclass ``cls``: name, resolved type, default,
-    help (the attribute docstring, read from the source with :mod:`ast`) and whether it
-    nests a config dataclass. Cached per class."""
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        raise ConfigError(f"{cls!r} is not a dataclass")
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(klass):
-            docs.update(_docstrings(klass))
-    hints = _field_types(cls)
-    out = []
-    for f in fields(cls):
-        if not _public(f):
-            continue
-        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        tp = hints.get(f.name)
-        out.append(ConfigField(f.name, tp, default, docs.get(f.name, ""), _holds_dataclass(tp)))
-    return tuple(out)
 
 
 class TierKind(Choice):

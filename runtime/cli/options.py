@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tiermem.config import attribute_docstrings
 from tiermem.errors import ConfigError
 
 __all__ = ["ConfigOptions", "FieldSpec", "config_fields"]
@@ -169,6 +168,19 @@ def _field(module: str, cls_name: str, name: str, ann: ast.expr, default: ast.ex
     if isinstance(node, ast.ClassDef) and _is_dataclass(node):
         return FieldSpec(name, "config", optional, None, doc, config=f"{where}:{ann.id}")
     raise ConfigError(f"{cls_name}.{name}: no command-line option for type {ann.id}")
+
+
+def attribute_docstrings(cls: ast.ClassDef) -> dict[str, str]:
+    """Field name -> its attribute docstring (the string literal right after the field in
+    the class body), whitespace folded."""
+    body = cls.body
+    out = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) \
+                and isinstance(nxt.value.value, str):
+            out[node.target.id] = " ".join(nxt.value.value.split())
+    return out
 
 
 @functools.cache
